@@ -1,0 +1,274 @@
+"""The ``mxfp8::`` custom ops: what the graph passes insert, with fake and reference kernels.
+
+Importing this module registers the ops (``torch.ops.mxfp8.*``). Each op has a fake (meta)
+implementation for tracing and one implementation for every device, built on
+``mxfp8_compile.numerics``: on CPU and on GPUs without a faster path it is the emulated target.
+Faster kernels (Triton templates, hardware GEMMs) replace these through Inductor lowerings and
+are checked bit for bit against them.
+
+Contracts (``numerics`` states the layout conventions):
+
+=========================  ========================================================================
+quantize                   x (..., D, ...) bf16/fp16/fp32 along ``dim`` -> (qdata e4m3, scales u8)
+quantize_token_groups      x (M, K), offs (G,) -> (qdata (Mp, K), scales (Mp/32, K), padded offs)
+dequantize                 (qdata, scales, dim, dtype) -> dtype
+to_blocked                 scales (..., R, C) -> SM100 blocked bytes (..., round_up(R,128),
+                           round_up(C,4))
+to_blocked_m_groups        scales (M, K/32), offs -> per-token-group blocked A scales (2Dx3D)
+to_blocked_k_groups        scales (R, Mp/32), padded offs -> per-group blocked scales (2Dx2D)
+rebase_rowwise             (qdata, scales, dim) -> (rebased e4m3, one u8 scale per row)  (SM90)
+rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
+scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
+                           2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
+scaled_mm                  MX (M,K) x (K,N) -> (M,N) out_dtype
+=========================  ========================================================================
+
+The rearrange step of the emulated target is the identity: it consumes MX scales as they are, so
+the passes insert no node for it (a custom op cannot return its input without a copy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mxfp8_compile import numerics
+from mxfp8_compile.numerics import BLOCK_SIZE, padded_rows_bound
+
+_E4M3 = torch.float8_e4m3fn
+_U8 = torch.uint8
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _scales_shape(shape: torch.Size | list[int], dim: int) -> list[int]:
+    out = list(shape)
+    out[dim] //= BLOCK_SIZE
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize / dequantize.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mxfp8::quantize", mutates_args=())
+def quantize(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    """MX-quantize ``x`` along ``dim``: ``numerics.to_mx``."""
+    return numerics.to_mx(x, dim=dim, mode=mode)
+
+
+@quantize.register_fake
+def _(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    numerics.check_high_precision("x", x)
+    dim = numerics.check_block_dim("x", x, dim)
+    numerics.ScaleMode.parse(mode)
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(_scales_shape(x.shape, dim), dtype=_U8)
+
+
+@torch.library.custom_op("mxfp8::quantize_token_groups", mutates_args=())
+def quantize_token_groups(
+    x: Tensor, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MX-quantize ``x`` (M, K) along tokens per group: ``numerics.to_mx_token_groups``."""
+    return numerics.to_mx_token_groups(x, offs, mode=mode)
+
+
+@quantize_token_groups.register_fake
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    numerics.check_high_precision("x", x)
+    numerics.check_offsets("offs", offs)
+    numerics.ScaleMode.parse(mode)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    rows = padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
+    return (
+        x.new_empty(rows, x.shape[1], dtype=_E4M3),
+        x.new_empty(rows // BLOCK_SIZE, x.shape[1], dtype=_U8),
+        offs.new_empty(offs.shape),
+    )
+
+
+@torch.library.custom_op("mxfp8::dequantize", mutates_args=())
+def dequantize(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """``numerics.from_mx``, contiguous."""
+    return numerics.from_mx(qdata, scales, dim=dim, dtype=dtype).contiguous()
+
+
+@dequantize.register_fake
+def _(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    numerics.check_qdata("qdata", qdata, scales, dim)
+    return qdata.new_empty(qdata.shape, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Rearrange: SM100 blocked layouts.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_scales(name: str, scales: Tensor, ndim: int | None = None) -> None:
+    if scales.dtype != _U8:
+        raise TypeError(f"{name} must be uint8 E8M0 bytes, got {scales.dtype}")
+    if ndim is not None and scales.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}D, got shape {tuple(scales.shape)}")
+
+
+@torch.library.custom_op("mxfp8::to_blocked", mutates_args=())
+def to_blocked(scales: Tensor) -> Tensor:
+    """``numerics.to_blocked`` of (..., R, C) scales."""
+    _check_scales("scales", scales)
+    return numerics.to_blocked(scales)
+
+
+@to_blocked.register_fake
+def _(scales: Tensor) -> Tensor:
+    _check_scales("scales", scales)
+    if scales.dim() < 2:
+        raise ValueError(f"scales must be (..., rows, cols), got shape {tuple(scales.shape)}")
+    rows, cols = numerics.blocked_shape(scales.shape[-2], scales.shape[-1])
+    return scales.new_empty(*scales.shape[:-2], rows, cols)
+
+
+@torch.library.custom_op("mxfp8::to_blocked_m_groups", mutates_args=())
+def to_blocked_m_groups(scales: Tensor, offs: Tensor) -> Tensor:
+    """``numerics.to_blocked_m_groups``: per-token-group blocked scales of a 2Dx3D A operand."""
+    _check_scales("scales", scales, 2)
+    return numerics.to_blocked_m_groups(scales, offs)
+
+
+@to_blocked_m_groups.register_fake
+def _(scales: Tensor, offs: Tensor) -> Tensor:
+    _check_scales("scales", scales, 2)
+    numerics.check_offsets("offs", offs)
+    rows = padded_rows_bound(scales.shape[0], offs.shape[0], numerics.BLOCKED_TILE_ROWS)
+    return scales.new_empty(rows, numerics.blocked_shape(1, scales.shape[1])[1])
+
+
+@torch.library.custom_op("mxfp8::to_blocked_k_groups", mutates_args=())
+def to_blocked_k_groups(scales: Tensor, offs: Tensor) -> Tensor:
+    """``numerics.to_blocked_k_groups``: per-group blocked scales of a 2Dx2D operand."""
+    _check_scales("scales", scales, 2)
+    return numerics.to_blocked_k_groups(scales, offs)
+
+
+@to_blocked_k_groups.register_fake
+def _(scales: Tensor, offs: Tensor) -> Tensor:
+    _check_scales("scales", scales, 2)
+    numerics.check_offsets("offs", offs)
+    cols = padded_rows_bound(scales.shape[1], offs.shape[0], numerics.BLOCKED_TILE_COLS)
+    return scales.new_empty(numerics.blocked_shape(scales.shape[0], 1)[0], cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Rearrange: SM90 rowwise rebase.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mxfp8::rebase_rowwise", mutates_args=())
+def rebase_rowwise(qdata: Tensor, scales: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``numerics.rebase_rowwise``: one scale per contraction row."""
+    return numerics.rebase_rowwise(qdata, scales, dim=dim)
+
+
+@rebase_rowwise.register_fake
+def _(qdata: Tensor, scales: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    dim = numerics.check_qdata("qdata", qdata, scales, dim)
+    row_shape = [s for i, s in enumerate(qdata.shape) if i != dim]
+    return qdata.new_empty(qdata.shape), scales.new_empty(row_shape)
+
+
+@torch.library.custom_op("mxfp8::rebase_token_groups", mutates_args=())
+def rebase_token_groups(qdata: Tensor, scales: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    """``numerics.rebase_token_groups``: one scale per (group, column)."""
+    return numerics.rebase_token_groups(qdata, scales, offs)
+
+
+@rebase_token_groups.register_fake
+def _(qdata: Tensor, scales: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    numerics.check_qdata("qdata", qdata, scales, 0)
+    numerics.check_offsets("offs", offs)
+    return qdata.new_empty(qdata.shape), scales.new_empty(offs.shape[0], scales.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# GEMMs (emulated: dequantize exactly to bf16, then the bf16 GEMM).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_gemm(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, b_dims: tuple[int, ...]
+) -> None:
+    """Check MX GEMM operands: A (..., K) scaled along dim -1, B (..., K, N) along dim -2."""
+    if qa.dim() != 2:
+        raise ValueError(f"A must be 2D, got shape {tuple(qa.shape)}")
+    if qb.dim() not in b_dims:
+        raise ValueError(f"B must be {' or '.join(map(str, b_dims))}D, got shape {tuple(qb.shape)}")
+    numerics.check_qdata("A", qa, sa, -1)
+    numerics.check_qdata("B", qb, sb, -2)
+    if qa.shape[-1] != qb.shape[-2]:
+        raise ValueError(
+            f"contraction dims differ: A {tuple(qa.shape)} has {qa.shape[-1]}, "
+            f"B {tuple(qb.shape)} has {qb.shape[-2]}"
+        )
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+
+
+def _check_grouped_gemm(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> None:
+    _check_gemm(qa, sa, qb, sb, out_dtype, (2, 3))
+    numerics.check_offsets("offs", offs)
+    if qb.dim() == 3 and offs.shape[0] != qb.shape[0]:
+        raise ValueError(
+            f"offs has {offs.shape[0]} groups but B of shape {tuple(qb.shape)} has "
+            f"{qb.shape[0]} experts"
+        )
+
+
+def _dequantize_a(qa: Tensor, sa: Tensor) -> Tensor:
+    """A (.., K) in bf16, K contiguous (row-major)."""
+    return numerics.from_mx(qa, sa, dim=-1, dtype=torch.bfloat16).contiguous()
+
+
+def _dequantize_b(qb: Tensor, sb: Tensor) -> Tensor:
+    """B (..., K, N) in bf16 with K contiguous (column-major): ``_grouped_mm`` takes any N then."""
+    bt = numerics.from_mx(qb.transpose(-2, -1), sb.transpose(-2, -1), dim=-1, dtype=torch.bfloat16)
+    return bt.contiguous().transpose(-2, -1)
+
+
+@torch.library.custom_op("mxfp8::scaled_grouped_mm", mutates_args=())
+def scaled_grouped_mm(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """Grouped GEMM of MX operands, emulated: ``torch._grouped_mm`` of the exact bf16 values.
+
+    2Dx3D: ``qa`` (M, K), ``sa`` (M, K/32), ``qb`` (E, K, N), ``sb`` (E, K/32, N), ``offs`` (E,)
+    token end offsets -> (M, N). 2Dx2D: ``qa`` (N, Mp), ``sa`` (N, Mp/32), ``qb`` (Mp, K),
+    ``sb`` (Mp/32, K), ``offs`` (G,) end offsets along Mp -> (G, N, K).
+    """
+    _check_grouped_gemm(qa, sa, qb, sb, offs, out_dtype)
+    out = torch._grouped_mm(_dequantize_a(qa, sa), _dequantize_b(qb, sb), offs=offs)
+    return out.to(out_dtype)
+
+
+@scaled_grouped_mm.register_fake
+def _(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    _check_grouped_gemm(qa, sa, qb, sb, offs, out_dtype)
+    if qb.dim() == 3:
+        return qa.new_empty(qa.shape[0], qb.shape[-1], dtype=out_dtype)
+    return qa.new_empty(offs.shape[0], qa.shape[0], qb.shape[-1], dtype=out_dtype)
+
+
+@torch.library.custom_op("mxfp8::scaled_mm", mutates_args=())
+def scaled_mm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Dense GEMM of MX operands, emulated: ``qa`` (M, K) x ``qb`` (K, N) -> (M, N)."""
+    _check_gemm(qa, sa, qb, sb, out_dtype, (2,))
+    return torch.mm(_dequantize_a(qa, sa), _dequantize_b(qb, sb)).to(out_dtype)
+
+
+@scaled_mm.register_fake
+def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
+    _check_gemm(qa, sa, qb, sb, out_dtype, (2,))
+    return qa.new_empty(qa.shape[0], qb.shape[1], dtype=out_dtype)

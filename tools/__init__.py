@@ -1,0 +1,1 @@
+"""User-facing tools, such as the graph-dump debugger (installed as ``mxfp8_compile.tools``)."""

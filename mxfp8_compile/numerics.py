@@ -241,15 +241,16 @@ def mx_error_bound(
 
     With block scale ``S``: a value in e4m3's normal range keeps 3 mantissa bits, so it errs by
     at most ``2**-4 * |x|``; one in the subnormal range by half a step, ``2**-10 * S``, and
-    ``S < amax / 224`` in both modes. FLOOR scales leave ``|x| / S`` in [448, 512) for the block
-    maximum, which saturates to 448: an error below ``|x| / 8``.
+    ``S < max(amax / 224, 2**-127)`` in both modes (the smallest scale is 2**-127). FLOOR scales
+    leave ``|x| / S`` in [448, 512) for the block maximum, which saturates to 448: an error
+    below ``|x| / 8``.
     """
     dim = check_block_dim("x", x, dim)
     relative = 2.0**-3 if ScaleMode.parse(mode) is ScaleMode.FLOOR else 2.0**-4
-    rows = x.to(torch.float32).abs().movedim(dim, -1)
+    rows = x.to(torch.float64).abs().movedim(dim, -1)
     blocks = rows.reshape(*rows.shape[:-1], -1, BLOCK_SIZE)
-    amax = blocks.amax(dim=-1, keepdim=True)
-    bound = torch.maximum(blocks * relative, amax * (2.0**-10 / 224.0))
+    largest_scale = (blocks.amax(dim=-1, keepdim=True) / 224.0).clamp(min=2.0**-127)
+    bound = torch.maximum(blocks * relative, largest_scale * 2.0**-10)
     return bound.reshape(rows.shape).movedim(-1, dim)
 
 

@@ -1,2 +1,80 @@
-"""FX graph passes on aten graphs: find, rewrite and hoist MXFP8 GEMMs (installed as
-``mxfp8_compile.passes``)."""
+"""FX passes on aten graphs: find, rewrite and report MXFP8 GEMMs (installed as
+``mxfp8_compile.passes``).
+
+``MXJointPass`` is what Inductor's ``joint_custom_pre_pass`` hook (and the backend's
+AOTAutograd-only mode) runs on the joint training graph, or on the inference graph. Its
+``uuid()`` hashes the sources of the passes, the lowerings and the ops together with the
+config, so that Inductor's FX graph cache never replays an artifact made by other code or
+another config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from mxfp8_compile.config import Config
+from mxfp8_compile.passes import report as _report
+from mxfp8_compile.passes.find_gemms import find_gemms
+from mxfp8_compile.passes.rewrite_gemms import rewrite_gemms
+
+
+def _source_files() -> tuple[str, ...]:
+    import mxfp8_compile
+    import mxfp8_compile.lowering
+
+    package = Path(mxfp8_compile.__file__).parent
+    roots = [package, Path(__file__).parent, Path(mxfp8_compile.lowering.__file__).parent]
+    return tuple(sorted({str(p) for root in roots for p in root.rglob("*") if p.suffix in (".py", ".jinja")}))
+
+
+def pass_uuid(config: Config, files: tuple[str, ...] | None = None) -> str:
+    """Hash of the plugin's sources (``files``, by default all of them) and the config."""
+    return get_hash_for_files(files or _source_files(), extra=repr(config)).hex()
+
+
+def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
+    """Find and rewrite the GEMMs of one graph; record and emit the report."""
+    # Imported here: registering the ops is the caller's choice of compiling with the plugin.
+    import mxfp8_compile.ops  # noqa: F401
+    from mxfp8_compile.lowering.targets import select_target
+
+    training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+    matches = find_gemms(graph, config)
+    device = matches[0].a.node.meta["val"].device if matches else None
+    target = select_target(config, device) if any(m.decision for m in matches) else "none"
+    rewrite_gemms(graph, matches, config)
+    graph.lint()
+    rep = _report.PassReport(
+        graph="training" if training else "inference",
+        target=target,
+        config=repr(config),
+        entries=[_report.Entry(m.site, m.decision) for m in matches],
+    )
+    _report.record(rep)
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "mxfp8_rewrite_report", "encoding": "json"},
+        payload_fn=lambda: json.dumps(rep.to_json()),
+    )
+    return rep
+
+
+class MXJointPass(CustomGraphPass):
+    """The plugin's joint-graph pass for one ``Config``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def __call__(self, graph: fx.Graph) -> None:
+        run_joint_passes(graph, self.config)
+
+    def uuid(self) -> str:
+        return pass_uuid(self.config)
+
+    def __repr__(self) -> str:
+        return f"MXJointPass({self.config!r})"

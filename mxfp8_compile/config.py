@@ -1,0 +1,95 @@
+"""``Config``: the one place every choice of the plugin is made, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from mxfp8_compile.numerics import ScaleMode
+
+TARGETS = ("auto", "sm100", "sm90", "emulated")
+GEMM_ROLES = ("forward", "dgrad", "wgrad")
+OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What the plugin converts to MXFP8 and how.
+
+    scale_mode: ``"rceil"`` (default, as torchao MoE training) or ``"floor"``.
+    target: ``"auto"`` (chosen from the device at compile time), ``"sm100"``, ``"sm90"`` or
+        ``"emulated"`` (exact MX numerics anywhere, via bf16 GEMMs).
+    gemms: which GEMMs of a layer to convert: any of ``"forward"``, ``"dgrad"``, ``"wgrad"``.
+    dense_linears: convert dense ``mm``/``addmm`` (attention and shared-expert linears) too.
+    include_fqns: if not empty, only GEMMs whose module FQN contains one of these substrings.
+    exclude_fqns: GEMMs whose module FQN contains one of these substrings stay in bf16.
+    keep_bf16_modules: FQN components (``a.b.gate`` has ``gate``) whose GEMMs stay in bf16: by
+        default the router gate and the lm_head, as torchtitan's MXFP8 recipes keep them.
+    min_gemm_size: GEMMs whose weight has fewer elements (K * N) stay in bf16.
+    operand_dtypes: operand dtypes that may be quantized; others stay as they are.
+    """
+
+    scale_mode: str = "rceil"
+    target: str = "auto"
+    gemms: tuple[str, ...] = GEMM_ROLES
+    dense_linears: bool = True
+    include_fqns: tuple[str, ...] = ()
+    exclude_fqns: tuple[str, ...] = ()
+    keep_bf16_modules: tuple[str, ...] = ("gate", "router", "lm_head", "output")
+    min_gemm_size: int = 0
+    operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
+
+    def __post_init__(self) -> None:
+        ScaleMode.parse(self.scale_mode)
+        _check_choice("target", self.target, TARGETS)
+        for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_modules", "operand_dtypes"):
+            object.__setattr__(self, name, _as_str_tuple(name, getattr(self, name)))
+        for role in self.gemms:
+            _check_choice("gemms", role, GEMM_ROLES)
+        for dtype in self.operand_dtypes:
+            _check_choice("operand_dtypes", dtype, tuple(OPERAND_DTYPES))
+        if not isinstance(self.dense_linears, bool):
+            raise TypeError(f"Config.dense_linears must be a bool, got {self.dense_linears!r}")
+        if not isinstance(self.min_gemm_size, int) or self.min_gemm_size < 0:
+            raise ValueError(f"Config.min_gemm_size must be an int >= 0, got {self.min_gemm_size!r}")
+
+    @property
+    def mode(self) -> ScaleMode:
+        return ScaleMode(self.scale_mode)
+
+    def allows_dtype(self, dtype: torch.dtype) -> bool:
+        return any(OPERAND_DTYPES[name] == dtype for name in self.operand_dtypes)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None, base: Config | None = None) -> Config:
+        """A Config from ``torch.compile(..., options={...})``: keys are Config field names."""
+        base = base or cls()
+        options = dict(options or {})
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in fields:
+                raise ValueError(
+                    f"unknown mxfp8 option {key!r}; allowed options: {', '.join(fields)}"
+                )
+        return dataclasses.replace(base, **options)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"Config.{name}: {value!r} is not allowed; allowed values: "
+            + ", ".join(repr(a) for a in allowed)
+        )
+
+
+def _as_str_tuple(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"Config.{name} must be a sequence of strings, got {value!r}")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"Config.{name} must hold strings, got {item!r}")
+    return items

@@ -1,0 +1,1 @@
+"""Built-in example models: small, self-contained, CPU-friendly."""

@@ -1,0 +1,137 @@
+"""Graph plumbing shared by the passes: node insertion, symbolic-size checks, module FQNs.
+
+Every node a pass inserts is made by ``insert_call``, which computes ``meta["val"]`` under the
+graph's fake mode (Inductor and the partitioner read it), copies the replaced GEMM's module and
+autograd metadata (so reports, partitioning and activation-checkpointing tags follow the GEMM)
+and stamps ``meta["mxfp8"]`` with what inserted it.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+# Metadata carried over from the GEMM a node replaces.
+_INHERITED_META = (
+    "nn_module_stack",
+    "fwd_nn_module_stack",
+    "seq_nr",
+    "partitioner_tag",
+    "autograd_backward",
+    "recompute",
+    "ac_graph_id",
+    "stack_trace",
+    "original_aten",
+)
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+
+def insert_call(
+    graph: fx.Graph,
+    target: Callable[..., Any],
+    args: Sequence[Any],
+    *,
+    like: fx.Node,
+    provenance: str,
+) -> fx.Node:
+    """Insert ``target(*args)`` before ``like`` with ``meta["val"]`` computed on fake values."""
+    vals = [_val(a) for a in args]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    assert fake_mode is not None, "graph values must be fake tensors (meta['val'] missing)"
+    with fake_mode:
+        val = target(*vals)
+    with graph.inserting_before(like):
+        node = graph.call_function(target, tuple(args))
+    node.meta["val"] = val
+    for key in _INHERITED_META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["mxfp8"] = provenance
+    return node
+
+
+def insert_multi(
+    graph: fx.Graph,
+    target: Callable[..., Any],
+    args: Sequence[Any],
+    *,
+    like: fx.Node,
+    provenance: str,
+) -> list[fx.Node]:
+    """``insert_call`` for an op returning a tuple: one ``getitem`` node per output."""
+    node = insert_call(graph, target, args, like=like, provenance=provenance)
+    outs = []
+    for i, val in enumerate(node.meta["val"]):
+        with graph.inserting_before(like):
+            item = graph.call_function(operator.getitem, (node, i))
+        item.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        item.meta["val"] = val
+        outs.append(item)
+    return outs
+
+
+def transpose_2d(graph: fx.Graph, node: fx.Node, *, like: fx.Node, provenance: str) -> fx.Node:
+    return insert_call(graph, torch.ops.aten.permute.default, [node, [1, 0]], like=like, provenance=provenance)
+
+
+def known_multiple(size: int | torch.SymInt, multiple: int) -> bool:
+    """Whether ``size % multiple == 0`` holds for every value a symbolic size can take."""
+    return bool(statically_known_true(size % multiple == 0))
+
+
+def size_str(size: int | torch.SymInt) -> str:
+    return str(size)
+
+
+_INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+
+
+def normalize_fqn(dynamo_path: str) -> str:
+    """``L['self'].layers[0].mlp`` or ``L['s'].experts`` -> ``layers.0.mlp`` / ``experts``."""
+    path = re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", dynamo_path)
+    path = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    path = re.sub(r"^self\.", "", path)
+    return path.strip(".").replace("._modules.", ".")
+
+
+def module_fqn(node: fx.Node) -> str:
+    """FQN of the innermost module a node was traced in; for backward nodes, the forward's."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    entries = list(stack.values()) if isinstance(stack, dict) else [v for _, v in stack]
+    if not entries:
+        return ""
+    path = entries[-1][0] if isinstance(entries[-1], tuple) else str(entries[-1])
+    return normalize_fqn(path)
+
+
+def is_backward(node: fx.Node) -> bool:
+    return node.meta.get("partitioner_tag") == "is_backward" or bool(node.meta.get("autograd_backward"))
+
+
+_VIEWS = {
+    torch.ops.aten.permute.default,
+    torch.ops.aten.t.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.alias.default,
+}
+
+
+def view_source(node: Any) -> Any:
+    """Follow view ops back to the tensor they view."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    return node

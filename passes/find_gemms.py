@@ -1,0 +1,208 @@
+"""Find every GEMM in an aten graph, say which GEMM of its layer it is, and decide whether to
+convert it.
+
+Anchored on the GEMM node alone (pattern nodes with other users would block matches):
+
+* ``aten._grouped_mm(A, B, offs)``: 2Dx3D is the forward (or, in the backward, the dgrad),
+  2Dx2D the wgrad; 3Dx3D and 3Dx2D have no MX path. B may have any strides: ``W.transpose(-2,
+  -1)`` (strides (N*K, 1, K)), contiguous (E, K, N) as GPT-OSS passes it, or W in the dgrad.
+* ``aten.mm`` / ``aten.addmm``: dense linears; backward nodes are the dgrad when an operand views
+  the weight of a forward GEMM, else the wgrad.
+* ``transformers::grouped_mm_fallback(input, weight (E, K, N), offs)`` and its backward, which
+  HF transformers 5.x emits under compile for non-bf16 expert weights; the backward holds the
+  dgrad (output 0) and the wgrad (output 1).
+
+Every GEMM becomes a ``GemmMatch``: its report record (``GemmSite``), the operands in the
+canonical form the rewrite takes (A (.., K) contracted on its last dim, B (.., K, N) on dim -2,
+each possibly as the transpose of a node), and a decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from mxfp8_compile.config import Config
+from mxfp8_compile.numerics import BLOCK_SIZE
+from mxfp8_compile.passes._graph import is_backward, known_multiple, module_fqn, view_source
+from mxfp8_compile.passes.report import Convert, Decision, GemmSite, Layout, Role, Skip, SkipReason
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """A GEMM operand: ``node``, or its transpose (last two dims) when ``transposed``."""
+
+    node: fx.Node
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int | torch.SymInt, ...]:
+        shape = tuple(self.node.meta["val"].shape)
+        return shape[:-2] + shape[-2:][::-1] if self.transposed else shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.node.meta["val"].dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmMatch:
+    site: GemmSite
+    decision: Decision
+    node: fx.Node
+    a: Operand
+    b: Operand
+    offs: fx.Node | None
+    bias: fx.Node | None
+    out_dtype: torch.dtype
+    output: int | None = None  # which output of a multi-output node this GEMM produces
+
+
+def _hf_ops() -> tuple[object | None, object | None]:
+    """HF transformers' fallback ops, if transformers registered them in this process."""
+    ns = getattr(torch.ops, "transformers", None)
+    if ns is None:
+        return None, None
+    fwd = getattr(ns, "grouped_mm_fallback", None)
+    bwd = getattr(ns, "grouped_mm_fallback_backward", None)
+    return (fwd.default if fwd else None), (bwd.default if bwd else None)
+
+
+def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
+    """All GEMMs of ``graph`` in graph order, each with its decision."""
+    hf_fwd, hf_bwd = _hf_ops()
+    weight_sources = {
+        view_source(n.args[2] if n.target == aten.addmm.default else n.args[1])
+        for n in graph.nodes
+        if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default) and not is_backward(n)
+    }
+    matches: list[GemmMatch] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == aten._grouped_mm.default:
+            matches.append(_grouped(node, config))
+        elif node.target in (aten.mm.default, aten.addmm.default):
+            matches.append(_dense(node, config, weight_sources))
+        elif hf_fwd is not None and node.target == hf_fwd:
+            input_, weight, offs = node.args[:3]
+            matches.append(
+                _match(node, config, Role.FORWARD, Layout.GROUPED_2D3D, Operand(input_), Operand(weight), offs)
+            )
+        elif hf_bwd is not None and node.target == hf_bwd:
+            input_, weight, offs, grad = node.args[:4]
+            matches.append(
+                _match(node, config, Role.DGRAD, Layout.GROUPED_2D3D, Operand(grad), Operand(weight, True), offs, output=0)
+            )
+            matches.append(
+                _match(node, config, Role.WGRAD, Layout.GROUPED_2D2D, Operand(input_, True), Operand(grad), offs, output=1)
+            )
+    return matches
+
+
+def _grouped(node: fx.Node, config: Config) -> GemmMatch:
+    a, b = node.args[0], node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    out_dtype = node.args[4] if len(node.args) > 4 else node.kwargs.get("out_dtype")
+    a_dim, b_dim = a.meta["val"].dim(), b.meta["val"].dim()
+    layout = {
+        (2, 3): Layout.GROUPED_2D3D,
+        (2, 2): Layout.GROUPED_2D2D,
+        (3, 3): Layout.GROUPED_3D3D,
+        (3, 2): Layout.GROUPED_3D2D,
+    }[(a_dim, b_dim)]
+    if layout is Layout.GROUPED_2D2D:
+        role = Role.WGRAD
+    else:
+        role = Role.DGRAD if is_backward(node) else Role.FORWARD
+    extra = None
+    if bias is not None:
+        extra = Skip(SkipReason.UNSUPPORTED_ARGS, "grouped_mm with a bias")
+    return _match(node, config, role, layout, Operand(a), Operand(b), offs, out_dtype=out_dtype, extra=extra)
+
+
+def _dense(node: fx.Node, config: Config, weight_sources: set[object]) -> GemmMatch:
+    if node.target == aten.addmm.default:
+        bias, a, b = node.args[:3]
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        extra = None if beta == 1 and alpha == 1 else Skip(SkipReason.UNSUPPORTED_ARGS, f"addmm with beta={beta}, alpha={alpha}")
+    else:
+        (a, b), bias, extra = node.args[:2], None, None
+    if not is_backward(node):
+        role = Role.FORWARD
+    elif view_source(a) in weight_sources or view_source(b) in weight_sources:
+        role = Role.DGRAD
+    else:
+        role = Role.WGRAD
+    return _match(node, config, role, Layout.DENSE, Operand(a), Operand(b), None, bias=bias, extra=extra)
+
+
+def _match(
+    node: fx.Node,
+    config: Config,
+    role: Role,
+    layout: Layout,
+    a: Operand,
+    b: Operand,
+    offs: fx.Node | None,
+    *,
+    bias: fx.Node | None = None,
+    out_dtype: torch.dtype | None = None,
+    output: int | None = None,
+    extra: Skip | None = None,
+) -> GemmMatch:
+    fqn = module_fqn(node)
+    contraction = a.shape[-1]
+    site = GemmSite(
+        node=node.name,
+        op=str(node.target),
+        role=role,
+        layout=layout,
+        shapes=(tuple(map(str, a.shape)), tuple(map(str, b.shape))),
+        dtype=str(a.dtype).removeprefix("torch."),
+        fqn=fqn,
+        contraction=str(contraction),
+        output=output,
+    )
+    decision = extra or _decide(config, role, layout, fqn, a, b, offs)
+    return GemmMatch(site, decision, node, a, b, offs, bias, out_dtype or a.dtype, output)
+
+
+def _decide(
+    config: Config, role: Role, layout: Layout, fqn: str, a: Operand, b: Operand, offs: fx.Node | None
+) -> Decision:
+    """Convert, or the first reason not to; checks run from the structural to the tunable."""
+    if layout in (Layout.GROUPED_3D3D, Layout.GROUPED_3D2D):
+        return Skip(SkipReason.UNSUPPORTED_LAYOUT, f"{layout.value} grouped_mm (batched)")
+    if layout is not Layout.DENSE:
+        if offs is None:
+            return Skip(SkipReason.UNSUPPORTED_ARGS, "grouped_mm without offs")
+        if offs.meta["val"].dtype != torch.int32:
+            return Skip(SkipReason.UNSUPPORTED_ARGS, f"offs of dtype {offs.meta['val'].dtype}, not int32")
+    if layout is Layout.DENSE and not config.dense_linears:
+        return Skip(SkipReason.DENSE_DISABLED)
+    if role.value not in config.gemms:
+        return Skip(SkipReason.ROLE_DISABLED, f"{role.value} not in {config.gemms}")
+    components = fqn.split(".")
+    if kept := [m for m in config.keep_bf16_modules if m in components]:
+        return Skip(SkipReason.KEEP_BF16, f"{fqn} has component {kept[0]!r}")
+    if hit := [s for s in config.exclude_fqns if s in fqn]:
+        return Skip(SkipReason.FQN_EXCLUDED, f"{fqn!r} contains {hit[0]!r}")
+    if config.include_fqns and not any(s in fqn for s in config.include_fqns):
+        return Skip(SkipReason.FQN_NOT_INCLUDED, f"{fqn!r} not in {config.include_fqns}")
+    for name, operand in (("A", a), ("B", b)):
+        if not config.allows_dtype(operand.dtype):
+            return Skip(SkipReason.DTYPE, f"{name} is {operand.dtype}; allowed: {config.operand_dtypes}")
+    # 2Dx2D contracts over token groups, each padded to 32 by the quantization itself.
+    if layout is not Layout.GROUPED_2D2D and not known_multiple(a.shape[-1], BLOCK_SIZE):
+        return Skip(SkipReason.NOT_MULTIPLE_OF_32, f"contraction size {a.shape[-1]}")
+    # The weight is (K, N) for the forward, (N, K) for the dgrad and the wgrad's output (N, K).
+    weight_elements = (a.shape[0] if role is Role.WGRAD else a.shape[-1]) * b.shape[-1]
+    if isinstance(weight_elements, int) and weight_elements < config.min_gemm_size:
+        return Skip(SkipReason.TOO_SMALL, f"{weight_elements} < {config.min_gemm_size}")
+    return Convert()

@@ -1,0 +1,193 @@
+"""What the passes found and decided: one record per GEMM, one report per compiled graph.
+
+``GemmSite`` is a frozen record of one GEMM (``find_gemms`` makes them); ``Convert`` and the
+falsy ``Skip`` are decisions; ``PassReport`` collects them for a graph and is what
+``mxfp8_compile.last_report()``, the ``mxfp8_rewrite_report`` trace artifact and the dump tool
+read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import json
+from typing import Any
+
+
+class Role(str, enum.Enum):
+    """Which GEMM of a layer a node is (forward ``y = x W^T``, ``dx = dy W``, ``dW = dy^T x``)."""
+
+    FORWARD = "forward"
+    DGRAD = "dgrad"
+    WGRAD = "wgrad"
+
+
+class Layout(str, enum.Enum):
+    GROUPED_2D3D = "2Dx3D"
+    GROUPED_2D2D = "2Dx2D"
+    GROUPED_3D3D = "3Dx3D"
+    GROUPED_3D2D = "3Dx2D"
+    DENSE = "dense"
+
+
+class SkipReason(str, enum.Enum):
+    """Why a GEMM stays in high precision. The value is the sentence the report prints."""
+
+    ROLE_DISABLED = "this GEMM role is not in Config.gemms"
+    DENSE_DISABLED = "dense linears are off (Config.dense_linears)"
+    KEEP_BF16 = "kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules)"
+    FQN_EXCLUDED = "module FQN matches Config.exclude_fqns"
+    FQN_NOT_INCLUDED = "module FQN matches none of Config.include_fqns"
+    NOT_MULTIPLE_OF_32 = "contraction dim is not a multiple of the MX block size 32"
+    DTYPE = "operand dtype is not in Config.operand_dtypes"
+    UNSUPPORTED_LAYOUT = "no MX path for this grouped GEMM layout"
+    UNSUPPORTED_ARGS = "GEMM arguments the MX path does not take"
+    TOO_SMALL = "weight has fewer elements than Config.min_gemm_size"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmSite:
+    """One GEMM in a graph.
+
+    ``node`` is the node's name; ``output`` selects one output of a node computing several
+    GEMMs (HF's ``grouped_mm_fallback_backward``: 0 = dgrad, 1 = wgrad), else None.
+    ``shapes`` are the operands' shapes as the GEMM sees them: A (.., K) and B (.., K, N);
+    ``contraction`` is the contracted size (symbolic sizes print as their expression).
+    """
+
+    node: str
+    op: str
+    role: Role
+    layout: Layout
+    shapes: tuple[tuple[str, ...], tuple[str, ...]]
+    dtype: str
+    fqn: str
+    contraction: str
+    output: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.node if self.output is None else f"{self.node}[{self.output}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Convert:
+    def __bool__(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A falsy decision carrying the reason and its specifics."""
+
+    reason: SkipReason
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
+
+
+Decision = Convert | Skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    site: GemmSite
+    decision: Decision
+
+    @property
+    def converted(self) -> bool:
+        return bool(self.decision)
+
+
+@dataclasses.dataclass
+class PassReport:
+    """The decisions of one pass run over one graph (a joint training graph or an inference graph)."""
+
+    graph: str  # "training" or "inference"
+    target: str
+    config: str
+    entries: list[Entry] = dataclasses.field(default_factory=list)
+
+    def converted(self) -> list[GemmSite]:
+        return [e.site for e in self.entries if e.converted]
+
+    def skipped(self) -> list[tuple[GemmSite, Skip]]:
+        return [(e.site, e.decision) for e in self.entries if isinstance(e.decision, Skip)]
+
+    def counts(self) -> dict[str, int]:
+        """Converted GEMMs per role and skipped GEMMs per reason."""
+        out: collections.Counter[str] = collections.Counter()
+        for e in self.entries:
+            if isinstance(e.decision, Skip):
+                out[f"skipped: {e.decision.reason.name}"] += 1
+            else:
+                out[f"converted: {e.site.role.value} {e.site.layout.value}"] += 1
+        return dict(sorted(out.items()))
+
+    def to_text(self) -> str:
+        lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target})"]
+        for e in self.entries:
+            s = e.site
+            verdict = "converted" if e.converted else f"skipped: {e.decision}"
+            shapes = " x ".join("(" + ", ".join(d) + ")" for d in s.shapes)
+            lines.append(
+                f"  {s.label:<24} {s.role.value:<8} {s.layout.value:<6} {shapes:<28} {s.dtype:<9} "
+                f"{s.fqn or '-':<36} {verdict}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph,
+            "target": self.target,
+            "config": self.config,
+            "entries": [
+                {
+                    **{k: v for k, v in dataclasses.asdict(e.site).items()},
+                    "role": e.site.role.value,
+                    "layout": e.site.layout.value,
+                    "converted": e.converted,
+                    "reason": None if e.converted else e.decision.reason.name,
+                    "detail": None if e.converted else str(e.decision),
+                }
+                for e in self.entries
+            ],
+        }
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+# Reports of the most recent compilations, newest last. Compilation is not thread-safe in torch
+# either; a bounded deque keeps long training runs from growing it.
+_HISTORY: collections.deque[PassReport] = collections.deque(maxlen=256)
+
+
+def record(report: PassReport) -> None:
+    _HISTORY.append(report)
+
+
+def last_report() -> PassReport | None:
+    """The report of the most recently compiled graph, or None if nothing was compiled.
+
+    A graph served from Inductor's caches runs no pass and leaves no new report.
+    """
+    return _HISTORY[-1] if _HISTORY else None
+
+
+def reports() -> list[PassReport]:
+    """Reports of recent compilations (at most 256), oldest first."""
+    return list(_HISTORY)
+
+
+def clear_reports() -> None:
+    _HISTORY.clear()
+
+
+def json_dumps(report: PassReport) -> str:
+    return json.dumps(report.to_json(), indent=1)

@@ -41,6 +41,8 @@ def backend(
     (fast tests, debugging); ``on_graph(kind, gm)`` then sees each final graph, ``kind`` being
     ``"forward"``, ``"backward"`` or ``"inference"``.
     """
+    import mxfp8_compile.ops  # noqa: F401  (registered before any graph can call them)
+
     config = config or Config()
     if inductor:
         if on_graph is not None:

@@ -43,7 +43,7 @@ class Config:
     operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
 
     def __post_init__(self) -> None:
-        ScaleMode.parse(self.scale_mode)
+        _check_choice("scale_mode", self.scale_mode, tuple(m.value for m in ScaleMode))
         _check_choice("target", self.target, TARGETS)
         for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_modules", "operand_dtypes"):
             object.__setattr__(self, name, _as_str_tuple(name, getattr(self, name)))

@@ -527,8 +527,8 @@ def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
     ``inf`` when they are equal.
     """
-    ref = reference.to(torch.float64)
-    noise = (ref - actual.to(torch.float64)).norm()
+    ref = reference.detach().to(torch.float64)
+    noise = (ref - actual.detach().to(torch.float64)).norm()
     if noise == 0:
         return math.inf
     return float(20 * torch.log10(ref.norm() / noise))

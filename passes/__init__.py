@@ -10,12 +10,13 @@ another config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
@@ -33,14 +34,18 @@ def _source_files() -> tuple[str, ...]:
 
 
 def pass_uuid(config: Config, files: tuple[str, ...] | None = None) -> str:
-    """Hash of the plugin's sources (``files``, by default all of them) and the config."""
-    return get_hash_for_files(files or _source_files(), extra=repr(config)).hex()
+    """Hash of the contents of the plugin's sources (``files``, by default all of them) and
+    the config. Read on every call: torch's ``get_hash_for_files`` memoizes by path."""
+    digest = hashlib.sha256(repr(config).encode())
+    for path in files or _source_files():
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     """Find and rewrite the GEMMs of one graph; record and emit the report."""
-    # Imported here: registering the ops is the caller's choice of compiling with the plugin.
-    import mxfp8_compile.ops  # noqa: F401
+    import mxfp8_compile.ops  # noqa: F401  (the rewrite inserts them)
     from mxfp8_compile.lowering.targets import select_target
 
     training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)

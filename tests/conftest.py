@@ -38,3 +38,13 @@ def fp8_aware_allclose(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_allclose(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch, "allclose", allclose)
+
+
+@pytest.fixture
+def no_compile_caches() -> None:
+    """Inductor and AOTAutograd caches off: a cache hit runs no pass and leaves no report."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield

@@ -1,0 +1,101 @@
+"""GEMMs the plugin cannot convert stay in high precision, with the reason, and stay correct."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mxfp8_compile
+from mxfp8_compile import Config
+from mxfp8_compile.numerics import sqnr
+from mxfp8_compile.passes.report import Role, SkipReason
+
+BF16 = torch.bfloat16
+
+
+class Experts(nn.Module):
+    def __init__(self, experts: int, n: int, k: int, dtype: torch.dtype = BF16) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, n, k, dtype=dtype) / k**0.5)
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, self.w.transpose(-2, -1), offs=offs)
+
+
+def _train(module: nn.Module, *inputs: torch.Tensor, config: Config | None = None):
+    compiled = torch.compile(module, backend=mxfp8_compile.backend(config, inductor=False))
+    x = inputs[0].clone().requires_grad_()
+    out = compiled(x, *inputs[1:])
+    (out.float() ** 2).sum().backward()
+    return out, x.grad, mxfp8_compile.last_report()
+
+
+def _reasons(report: mxfp8_compile.PassReport) -> dict[Role, SkipReason | None]:
+    return {e.site.role: (None if e.converted else e.decision.reason) for e in report.entries}
+
+
+OFFS = torch.tensor([10, 10, 64], dtype=torch.int32)
+
+
+def test_k_not_a_multiple_of_32_keeps_the_forward_in_bf16() -> None:
+    module, x = Experts(3, 64, 48), torch.randn(64, 48, dtype=BF16)
+    out, _, report = _train(module, x, OFFS)
+    assert _reasons(report) == {Role.FORWARD: SkipReason.NOT_MULTIPLE_OF_32, Role.DGRAD: None, Role.WGRAD: None}
+    (fwd,) = [d for s, d in report.skipped()]
+    assert "contraction size 48" in str(fwd)
+    assert torch.equal(out, module(x, OFFS))  # the forward is the same bf16 GEMM
+
+
+def test_n_not_a_multiple_of_32_keeps_the_dgrad_in_bf16() -> None:
+    module, x = Experts(3, 40, 64), torch.randn(64, 64, dtype=BF16)
+    out, grad, report = _train(module, x, OFFS)
+    assert _reasons(report) == {Role.FORWARD: None, Role.DGRAD: SkipReason.NOT_MULTIPLE_OF_32, Role.WGRAD: None}
+    x_ref = x.clone().requires_grad_()
+    ref = module(x_ref, OFFS)
+    (ref.float() ** 2).sum().backward()
+    assert sqnr(ref, out) >= 27 and sqnr(x_ref.grad, grad) >= 24
+
+
+def test_operand_dtype_the_config_does_not_allow() -> None:
+    linear = nn.Linear(64, 64, bias=True)  # fp32
+    x = torch.randn(32, 64)
+    out, grad, report = _train(linear, x, config=Config(operand_dtypes=("bfloat16",)))
+    assert {d.reason for _, d in report.skipped()} == {SkipReason.DTYPE} and not report.converted()
+    assert "A is torch.float32; allowed: ('bfloat16',)" in str(report.skipped()[0][1])
+    torch.testing.assert_close(out, linear(x), rtol=1e-6, atol=1e-6)
+    # with the default config fp32 operands are quantized too (from fp32, no bf16 round trip)
+    _, _, report = _train(linear, x)
+    assert len(report.converted()) == 3
+
+
+def test_3d_x_3d_grouped_mm_has_no_mx_path() -> None:
+    def bmm_like(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(a, b)
+
+    a, b = torch.randn(4, 32, 64, dtype=BF16), torch.randn(4, 64, 32, dtype=BF16)
+    out = torch.compile(bmm_like, backend=mxfp8_compile.backend(inductor=False))(a, b)
+    (site, decision), = mxfp8_compile.last_report().skipped()
+    assert decision.reason is SkipReason.UNSUPPORTED_LAYOUT and "3Dx3D" in str(decision)
+    assert torch.equal(out, torch._grouped_mm(a, b))
+
+
+def test_graph_without_gemms_is_left_alone() -> None:
+    graphs = {}
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x.sin() * 2).cumsum(0)
+
+    x = torch.randn(16, 8)
+    out = torch.compile(f, backend=mxfp8_compile.backend(inductor=False, on_graph=graphs.__setitem__))(x)
+    report = mxfp8_compile.last_report()
+    assert report.entries == [] and report.target == "none"
+    assert not any("mxfp8" in str(n.target) for n in graphs["inference"].graph.nodes)
+    assert torch.equal(out, f(x))
+
+
+@pytest.mark.parametrize("target", ["sm90", "sm100"])
+def test_a_target_not_implemented_here_is_a_clear_error(target: str) -> None:
+    module, x = Experts(3, 64, 64), torch.randn(64, 64, dtype=BF16)
+    with pytest.raises(Exception, match=rf"target '{target}' is not implemented yet; implemented: \('emulated',\)"):
+        _train(module, x, OFFS, config=Config(target=target))

@@ -1,0 +1,98 @@
+"""Inductor's caches on: a different config or pass source is a different key; the same hits."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import mxfp8_compile
+from mxfp8_compile import Config
+from mxfp8_compile.passes import MXJointPass, _source_files, pass_uuid
+
+
+def test_uuid_covers_passes_lowerings_and_ops() -> None:
+    files = {Path(f).relative_to(Path(f).parents[1]).as_posix() for f in _source_files()}
+    for expected in ("passes/find_gemms.py", "passes/rewrite_gemms.py", "lowering/targets.py",
+                     "mxfp8_compile/ops.py", "mxfp8_compile/numerics.py", "mxfp8_compile/config.py"):
+        assert expected in files
+
+
+def test_uuid_changes_with_the_config_not_with_an_equal_one() -> None:
+    assert MXJointPass(Config()).uuid() == MXJointPass(Config()).uuid()
+    assert MXJointPass(Config()).uuid() != MXJointPass(Config(scale_mode="floor")).uuid()
+    assert MXJointPass(Config()).uuid() != MXJointPass(Config(exclude_fqns=("attn",))).uuid()
+
+
+def test_uuid_changes_with_the_source_of_a_pass(tmp_path: Path) -> None:
+    copies = []
+    for f in _source_files():
+        dst = tmp_path / Path(f).parent.name / Path(f).name
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy(f, dst)
+        copies.append(str(dst))
+    before = pass_uuid(Config(), tuple(copies))
+    rewrite = next(c for c in copies if c.endswith("rewrite_gemms.py"))
+    Path(rewrite).write_text(Path(rewrite).read_text() + "\n# edited\n")
+    assert pass_uuid(Config(), tuple(copies)) != before
+
+
+def _cache_outcome() -> str:
+    hit = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    miss = counters["inductor"]["fxgraph_cache_miss"]
+    assert not (hit and miss), dict(counters["inductor"])
+    return "hit" if hit else "miss"
+
+
+@pytest.mark.slow
+def test_same_config_hits_the_cache_another_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from torch._inductor import config as inductor_config
+
+    def fn(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).relu()
+
+    args = (torch.randn(64, 64, dtype=torch.bfloat16), torch.randn(2, 32, 64, dtype=torch.bfloat16),
+            torch.tensor([30, 64], dtype=torch.int32))
+
+    def compile_once(config: Config) -> str:
+        torch._dynamo.reset()
+        counters.clear()
+        with inductor_config.patch(fx_graph_cache=True):
+            torch.compile(fn, backend=mxfp8_compile.backend(config))(*args)
+        return _cache_outcome()
+
+    assert compile_once(Config()) == "miss"  # cold: the pass runs
+    report = mxfp8_compile.last_report()
+    assert compile_once(Config()) == "hit"  # the same config: served from the cache
+    assert mxfp8_compile.last_report() is report  # ... so no pass ran
+    assert compile_once(Config(scale_mode="floor")) == "miss"  # another config: a new key
+    assert mxfp8_compile.last_report().config == repr(Config(scale_mode="floor"))
+
+
+CACHED_RUN = """
+import torch, mxfp8_compile
+torch.manual_seed(0)
+def fn(x, w, offs):
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+args = (torch.randn(64, 64, dtype=torch.bfloat16), torch.randn(2, 32, 64, dtype=torch.bfloat16),
+        torch.tensor([30, 64], dtype=torch.int32))
+print(torch.compile(fn, backend="mxfp8")(*args).float().sum().item(), mxfp8_compile.last_report() is None)
+"""
+
+
+@pytest.mark.slow
+def test_an_artifact_from_the_cache_runs_in_a_fresh_process(tmp_path: Path) -> None:
+    # The cached graph calls mxfp8:: ops while no pass runs to register them.
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", CACHED_RUN], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    (cold, cold_no_report), (warm, warm_no_report) = (r.stdout.split()[-2:] for r in runs)
+    assert cold == warm and cold_no_report == "False" and warm_no_report == "True"

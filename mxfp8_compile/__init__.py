@@ -7,18 +7,40 @@ mxfp8_compile.enabled(config):`` around the first call of a default ``torch.comp
 rewritten (or on ``import mxfp8_compile.ops``). Importing this package registers nothing.
 """
 
+import logging as _logging
+import os as _os
+
 from mxfp8_compile import numerics
+
+# The plugin's own logging: MXFP8_COMPILE_LOG=INFO (decision tables) or DEBUG. A TORCH_LOGS name
+# would not do: torch parses TORCH_LOGS at import and rejects names it does not know.
+if _level := _os.environ.get("MXFP8_COMPILE_LOG"):
+    _logger = _logging.getLogger("mxfp8_compile")
+    _logger.setLevel(_level.upper())
+    _logger.addHandler(_logging.StreamHandler())
 from mxfp8_compile.backend import backend, mxfp8_backend
 from mxfp8_compile.config import Config
 from mxfp8_compile.enable import enabled
 from mxfp8_compile.numerics import ScaleMode
 from mxfp8_compile.passes.report import PassReport, last_report, reports
 
+
+
+def __getattr__(name: str) -> object:
+    # The dump tool pulls in networkx and the SVG renderer: load it on first use.
+    if name == "dump":
+        from mxfp8_compile.tools.dump import dump
+
+        return dump
+    raise AttributeError(f"module 'mxfp8_compile' has no attribute {name!r}")
+
+
 __all__ = [
     "Config",
     "PassReport",
     "ScaleMode",
     "backend",
+    "dump",
     "enabled",
     "last_report",
     "mxfp8_backend",

@@ -38,8 +38,8 @@ def backend(
     """A backend callable for ``torch.compile(model, backend=backend(config))``.
 
     ``inductor=False`` runs the same passes under AOTAutograd without Inductor code generation
-    (fast tests, debugging); ``on_graph(kind, gm)`` then sees each final graph, ``kind`` being
-    ``"forward"``, ``"backward"`` or ``"inference"``.
+    (fast tests, debugging); ``on_graph(kind, gm)`` then sees the rewritten joint graph
+    (``"joint"``) and each final graph (``"forward"``, ``"backward"`` or ``"inference"``).
     """
     import mxfp8_compile.ops  # noqa: F401  (registered before any graph can call them)
 
@@ -48,7 +48,7 @@ def backend(
         if on_graph is not None:
             raise ValueError("on_graph is only available with inductor=False")
         return lambda gm, example_inputs: _compile_with_inductor(gm, example_inputs, config, None)
-    return _aot_backend(config, on_graph)
+    return aot_backend(config, on_graph)
 
 
 def _compile_with_inductor(
@@ -62,7 +62,9 @@ def _compile_with_inductor(
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def _aot_backend(config: Config, on_graph: GraphSink | None) -> Callable[..., CompiledFn]:
+def aot_backend(config: Config | None, on_graph: GraphSink | None) -> Callable[..., CompiledFn]:
+    """AOTAutograd with Inductor's decompositions and partitioner, no code generation; the
+    plugin's passes run with ``config``, or not at all for ``None`` (a bf16 baseline)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -70,7 +72,7 @@ def _aot_backend(config: Config, on_graph: GraphSink | None) -> Callable[..., Co
 
     def compiler(kind: str) -> Callable[[fx.GraphModule, list[torch.Tensor]], CompiledFn]:
         def compile_graph(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> CompiledFn:
-            if kind == "inference":
+            if kind == "inference" and config is not None:
                 run_joint_passes(gm.graph, config)
                 gm.recompile()
             if on_graph is not None:
@@ -80,8 +82,11 @@ def _aot_backend(config: Config, on_graph: GraphSink | None) -> Callable[..., Co
         return compile_graph
 
     def partition(joint: fx.GraphModule, joint_inputs: list[Any], **kwargs: Any) -> Any:
-        run_joint_passes(joint.graph, config)
-        joint.recompile()
+        if config is not None:
+            run_joint_passes(joint.graph, config)
+            joint.recompile()
+        if on_graph is not None:
+            on_graph("joint", joint)
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
     # Inductor's decompositions, so the passes see the graphs they see under Inductor.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.find_gemms import find_gemms
 from mxfp8_compile.passes.rewrite_gemms import rewrite_gemms
+
+_log = logging.getLogger("mxfp8_compile")
 
 
 def _source_files() -> tuple[str, ...]:
@@ -49,6 +53,8 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     from mxfp8_compile.lowering.targets import select_target
 
     training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+    capture = _report.capturing_graphs() or bool(os.environ.get("TORCH_TRACE"))
+    before = graph.python_code("self").src if capture else None
     matches = find_gemms(graph, config)
     device = matches[0].a.node.meta["val"].device if matches else None
     target = select_target(config, device) if any(m.decision for m in matches) else "none"
@@ -59,13 +65,21 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
         target=target,
         config=repr(config),
         entries=[_report.Entry(m.site, m.decision) for m in matches],
+        graph_before=before,
+        graph_after=graph.python_code("self").src if capture else None,
     )
     _report.record(rep)
-    torch._logging.trace_structured(
-        "artifact",
-        metadata_fn=lambda: {"name": "mxfp8_rewrite_report", "encoding": "json"},
-        payload_fn=lambda: json.dumps(rep.to_json()),
-    )
+    _log.info("%s", rep.to_text())
+    artifacts = {"mxfp8_rewrite_report": ("json", lambda: json.dumps(rep.to_json()))}
+    if capture:
+        artifacts["mxfp8_graph_before"] = ("string", lambda: rep.graph_before)
+        artifacts["mxfp8_graph_after"] = ("string", lambda: rep.graph_after)
+    for name, (encoding, payload) in artifacts.items():
+        torch._logging.trace_structured(
+            "artifact",
+            metadata_fn=lambda name=name, encoding=encoding: {"name": name, "encoding": encoding},
+            payload_fn=payload,
+        )
     return rep
 
 

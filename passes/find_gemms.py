@@ -20,6 +20,7 @@ each possibly as the transpose of a node), and a decision.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
@@ -168,9 +169,24 @@ def _match(
         fqn=fqn,
         contraction=str(contraction),
         output=output,
+        **_operand_bytes(a, b, layout, offs),
     )
     decision = extra or _decide(config, role, layout, fqn, a, b, offs)
     return GemmMatch(site, decision, node, a, b, offs, bias, out_dtype or a.dtype, output)
+
+
+def _operand_bytes(a: Operand, b: Operand, layout: Layout, offs: fx.Node | None) -> dict[str, int | None]:
+    """Bytes both operands occupy now, and as MXFP8 data plus scales (static shapes only)."""
+    numels = [math.prod(op.shape) for op in (a, b)]
+    if not all(isinstance(n, int) for n in numels):
+        return {"bytes_before": None, "bytes_after": None}
+    before = sum(n * op.dtype.itemsize for n, op in zip(numels, (a, b)))
+    if layout is Layout.GROUPED_2D2D and offs is not None:
+        # each token group is padded to 32 rows: at most 31 more rows per group and operand
+        groups = offs.meta["val"].shape[0]
+        numels = [n + (BLOCK_SIZE - 1) * groups * (n // a.shape[-1]) for n in numels]
+    after = sum(n + n // BLOCK_SIZE for n in numels)
+    return {"bytes_before": before, "bytes_after": after}
 
 
 def _decide(

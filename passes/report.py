@@ -9,9 +9,12 @@ read.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import enum
 import json
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -65,6 +68,10 @@ class GemmSite:
     fqn: str
     contraction: str
     output: int | None = None
+    # Bytes of both operands as the GEMM reads them, and as MXFP8 (1-byte data plus one scale
+    # byte per 32; the wgrad's token groups padded to 32 at most); None for symbolic shapes.
+    bytes_before: int | None = None
+    bytes_after: int | None = None
 
     @property
     def label(self) -> str:
@@ -112,6 +119,10 @@ class PassReport:
     target: str
     config: str
     entries: list[Entry] = dataclasses.field(default_factory=list)
+    # The graph as code before and after the passes; filled only while ``capture_graphs()``
+    # is active or TORCH_TRACE is set (rendering a large graph costs compile time).
+    graph_before: str | None = None
+    graph_after: str | None = None
 
     def converted(self) -> list[GemmSite]:
         return [e.site for e in self.entries if e.converted]
@@ -130,15 +141,19 @@ class PassReport:
         return dict(sorted(out.items()))
 
     def to_text(self) -> str:
-        lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target})"]
+        """The decision table: one line per GEMM."""
+        header = ("node", "role", "layout", "shapes (A x B)", "dtype", "bytes", "module", "decision")
+        rows = [header]
         for e in self.entries:
             s = e.site
             verdict = "converted" if e.converted else f"skipped: {e.decision}"
             shapes = " x ".join("(" + ", ".join(d) + ")" for d in s.shapes)
-            lines.append(
-                f"  {s.label:<24} {s.role.value:<8} {s.layout.value:<6} {shapes:<28} {s.dtype:<9} "
-                f"{s.fqn or '-':<36} {verdict}"
-            )
+            moved = f"{_size(s.bytes_before)} -> {_size(s.bytes_after) if e.converted else 'same'}"
+            rows.append((s.label, s.role.value, s.layout.value, shapes, s.dtype, moved, s.fqn or "-", verdict))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+        lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target})"]
+        for row in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +176,33 @@ class PassReport:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_CAPTURE_GRAPHS: contextvars.ContextVar[bool] = contextvars.ContextVar("mxfp8_capture_graphs", default=False)
+
+
+@contextlib.contextmanager
+def capture_graphs() -> Iterator[None]:
+    """Record each graph's code before and after the passes in its report (for the dump tool)."""
+    token = _CAPTURE_GRAPHS.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURE_GRAPHS.reset(token)
+
+
+def capturing_graphs() -> bool:
+    return _CAPTURE_GRAPHS.get()
 
 
 # Reports of the most recent compilations, newest last. Compilation is not thread-safe in torch

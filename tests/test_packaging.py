@@ -22,6 +22,7 @@ SUBPACKAGES = ["passes", "lowering", "tools"]
 PROBE = """
 import importlib.util, json, mxfp8_compile, mxfp8_compile.ops
 import mxfp8_compile.passes, mxfp8_compile.lowering, mxfp8_compile.tools
+import mxfp8_compile.examples.moe, mxfp8_compile.tools.dump
 print(json.dumps({
     "files": {n: getattr(mxfp8_compile, n).__file__ for n in ("passes", "lowering", "tools")},
     "package": mxfp8_compile.__file__,
@@ -65,6 +66,12 @@ def test_wheel_holds_only_the_mxfp8_compile_namespace(source_copy: Path, tmp_pat
     assert {t for t in top if not t.endswith(".dist-info")} == {"mxfp8_compile"}
     for sub in SUBPACKAGES:
         assert f"mxfp8_compile/{sub}/__init__.py" in names
+    for module in ("examples/moe.py", "examples/clients.py", "tools/dump.py", "tools/_render.py"):
+        assert f"mxfp8_compile/{module}" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "mxfp8-dump = mxfp8_compile.tools.dump:main" in text
+    assert "mxfp8 = mxfp8_compile.backend:mxfp8_backend" in text
 
     site = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], tmp_path)

@@ -11,8 +11,6 @@ in the next MoE layer, and a comparison against bf16 then measures the flips, no
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,40 +18,11 @@ import torch.nn.functional as F
 import mxfp8_compile
 from compare import compare, mse_to
 from mxfp8_compile import Config
+from mxfp8_compile.examples.clients import EmbedsToLogits, hf_model, torchtitan_dsv3
 from mxfp8_compile.passes.report import Layout, Role, SkipReason
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers  # noqa: E402  (after HF_HUB_OFFLINE: nothing may reach for the hub)
 
 pytestmark = pytest.mark.slow
 EXPERTS_ONLY = Config(include_fqns=("experts",))
-
-
-def _hf_model(family: str, dtype: torch.dtype, moe_layers: int) -> torch.nn.Module:
-    common = dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
-    if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**common, num_hidden_layers=moe_layers, intermediate_size=512,
-                                          moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2)
-        cls = transformers.Qwen3MoeForCausalLM
-    elif family == "mixtral":
-        cfg = transformers.MixtralConfig(**common, num_hidden_layers=moe_layers, intermediate_size=128,
-                                         num_local_experts=8, num_experts_per_tok=2)
-        cls = transformers.MixtralForCausalLM
-    elif family == "gpt_oss":
-        cfg = transformers.GptOssConfig(**common, num_hidden_layers=moe_layers, intermediate_size=128,
-                                        num_local_experts=8, num_experts_per_tok=2, head_dim=64,
-                                        layer_types=["full_attention"] * moe_layers)
-        cls = transformers.GptOssForCausalLM
-    else:  # deepseek_v3: one dense layer first, then MoE layers; MLA needs kv heads == heads
-        cfg = transformers.DeepseekV3Config(
-            **{**common, "num_key_value_heads": 4}, num_hidden_layers=1 + moe_layers, intermediate_size=256,
-            moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-            n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32,
-            qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
-        )
-        cls = transformers.DeepseekV3ForCausalLM
-    torch.manual_seed(0)
-    return cls(cfg).to(dtype)
 
 
 HF_CASES = [
@@ -73,20 +42,9 @@ def _expert_entries(report: mxfp8_compile.PassReport) -> list:
     ]
 
 
-class EmbedsToLogits(torch.nn.Module):
-    """An HF causal LM as a function of its input embeddings, so input grads can be compared."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs_embeds=embeds).logits
-
-
 @pytest.mark.parametrize("family,dtype", HF_CASES, ids=lambda v: str(v).removeprefix("torch."))
 def test_hf_every_routed_expert_gemm_converted(family: str, dtype: torch.dtype) -> None:
-    model = _hf_model(family, dtype, moe_layers=2)
+    model = hf_model(family, dtype, moe_layers=2)
     embeds = model.get_input_embeddings()(torch.randint(0, 1000, (2, 32))).detach().requires_grad_()
     compiled = torch.compile(model, backend=mxfp8_compile.backend(inductor=False), fullgraph=True)
     F.mse_loss(compiled(inputs_embeds=embeds).logits.float(), torch.ones(1)).backward()
@@ -112,7 +70,7 @@ def test_hf_every_routed_expert_gemm_converted(family: str, dtype: torch.dtype) 
 # deepseek_v3 fall short of DESIGN section 5's 29 dB MoE-layer bar; the floor here is 23 dB.
 @pytest.mark.parametrize("family,dtype", HF_CASES, ids=lambda v: str(v).removeprefix("torch."))
 def test_hf_numerics_against_eager(family: str, dtype: torch.dtype) -> None:
-    model = _hf_model(family, dtype, moe_layers=1)
+    model = hf_model(family, dtype, moe_layers=1)
     embeds = model.get_input_embeddings()(torch.randint(0, 1000, (2, 64))).detach()
     result = compare(
         EmbedsToLogits(model),
@@ -124,22 +82,6 @@ def test_hf_numerics_against_eager(family: str, dtype: torch.dtype) -> None:
     assert result.output >= 23
     assert result.input_grad >= 23
     assert result.worst_weight[1] >= 21, result.worst_weight
-
-
-def _torchtitan_dsv3(force_balance: bool) -> torch.nn.Module:
-    from torchtitan.models.common.attention import ScaledDotProductAttention
-    from torchtitan.models.deepseek_v3 import model_registry
-
-    cfg = model_registry("debugmodel", attn_backend="flex").model
-    for layer in cfg.layers:
-        # FlexAttention has no CPU backward; torchtitan's own CPU tests swap in SDPA.
-        layer.attention.inner_attention = ScaledDotProductAttention.Config()
-        if layer.moe is not None:
-            layer.moe.router._debug_force_load_balance = force_balance
-    torch.manual_seed(0)
-    model = cfg.build()
-    model.init_states(buffer_device=torch.device("cpu"))
-    return model.bfloat16()
 
 
 def _compile_blocks(config: Config):
@@ -169,7 +111,7 @@ def test_torchtitan_deepseek_v3_debugmodel() -> None:
         return F.cross_entropy(out.flatten(0, 1).float(), targets)
 
     mxfp8_compile.passes.report.clear_reports()
-    model = _compile_blocks(Config())(_torchtitan_dsv3(force_balance=False))
+    model = _compile_blocks(Config())(torchtitan_dsv3(force_balance=False))
     loss(model(tokens, positions, None)).backward()
     reports = mxfp8_compile.reports()
     # one dense block and five MoE blocks, each its own graph
@@ -184,7 +126,7 @@ def test_torchtitan_deepseek_v3_debugmodel() -> None:
     # Numerics with routing that cannot flip (torchtitan's forced load balance). Measured:
     # output 49.4 dB, worst weight grad 22.6 dB. Token-id input: no input grad.
     torch._dynamo.reset()  # new block instances of the same code: stay under the recompile limit
-    result = compare(_torchtitan_dsv3(force_balance=True), _compile_blocks(EXPERTS_ONLY),
+    result = compare(torchtitan_dsv3(force_balance=True), _compile_blocks(EXPERTS_ONLY),
                      (tokens, positions, None), loss)
     assert result.output >= 23
     assert result.worst_weight[1] >= 21, result.worst_weight

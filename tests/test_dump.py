@@ -1,0 +1,174 @@
+"""mxfp8-dump: the summary, the files, the picture, the reasons, and clear failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import expecttest
+import pytest
+
+from mxfp8_compile.tools.dump import main
+
+pytestmark = pytest.mark.slow
+
+
+def _svg_texts(path: Path) -> str:
+    root = ET.parse(path).getroot()  # raises on invalid XML
+    return "\n".join(t for t in root.itertext())
+
+
+class TestExampleDump(expecttest.TestCase):
+    def test_example_moe_train(self) -> None:
+        import contextlib
+        import io
+        import json
+        import tempfile
+
+        out = Path(tempfile.mkdtemp()) / "dump"
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = main(["--example", "moe", "--train", "--out", str(out)])
+        self.assertEqual(code, 0)
+        summary = (out / "summary.txt").read_text()
+        self.assertIn(summary.strip(), stdout.getvalue())
+        self.assertExpectedInline(summary, """\
+mxfp8-dump: example moe (forward+backward), target emulated
+graphs rewritten: 1 (training)
+GEMMs converted to MXFP8: 120
+    12  dgrad 2Dx3D
+    28  dgrad dense
+    12  forward 2Dx3D
+    28  forward dense
+    12  wgrad 2Dx2D
+    28  wgrad dense
+GEMMs kept in high precision: 15
+    15  KEEP_BF16: kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules)
+operands of the converted GEMMs: 14.25 MiB -> 8.10 MiB
+all-to-all payload: no all-to-all in the graphs
+saved for backward: 6.85 MiB (bf16 compile) -> 6.71 MiB (with the plugin)
+""")
+
+        graph_dir = out / "graph_0_training"
+        for name in ("before.py", "after.py", "decisions.txt", "report.json", "region.svg"):
+            self.assertTrue((graph_dir / name).stat().st_size > 0, name)
+        before = (graph_dir / "before.py").read_text()
+        after = (graph_dir / "after.py").read_text()
+        self.assertEqual(before.count("torch.ops.aten._grouped_mm.default("), 36)
+        self.assertEqual(after.count("torch.ops.aten._grouped_mm.default("), 0)
+        self.assertEqual(after.count("torch.ops.mxfp8.scaled_grouped_mm.default("), 36)
+
+        # the picture is valid XML and names every converted GEMM and what replaced it
+        report = json.loads((graph_dir / "report.json").read_text())
+        texts = _svg_texts(graph_dir / "region.svg")
+        converted = [e for e in report["entries"] if e["converted"]]
+        self.assertEqual(len(converted), 120)
+        for entry in converted:
+            self.assertIn(f"{entry['node']}  {entry['role']} {entry['layout']}", texts)
+        root = ET.parse(graph_dir / "region.svg").getroot()
+        gemm_boxes = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "gemm"]
+        self.assertEqual(len(gemm_boxes), 120)
+
+
+UNCONVERTIBLE = """
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(64, 4, bias=False)                 # the router gate: policy
+        self.attn = nn.Linear(64, 64, bias=False)                # excluded by --exclude attn
+        self.proj = nn.Linear(64, 64, bias=False)                # converted
+        self.w = nn.Parameter(torch.randn(4, 64, 48) / 7)        # experts with K = 48
+
+    def forward(self, x, offs):
+        h = self.proj(self.attn(x)) + self.gate(x).sum(-1, keepdim=True)
+        return torch._grouped_mm(h[:, :48].contiguous(), self.w.transpose(-2, -1), offs=offs)
+
+
+def make():
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    return Model().bfloat16(), (x, torch.tensor([10, 10, 40, 64], dtype=torch.int32))
+
+
+def broken():
+    raise RuntimeError("cannot build the model: no weights here")
+
+
+def no_gemms():
+    return nn.ReLU(), (torch.randn(8, 8),)
+"""
+
+
+@pytest.fixture
+def factory_file(tmp_path: Path) -> Path:
+    path = tmp_path / "models.py"
+    path.write_text(textwrap.dedent(UNCONVERTIBLE))
+    return path
+
+
+def test_each_unconverted_gemm_shows_its_reason(factory_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "dump"
+    assert main([f"{factory_file}:make", "--train", "--exclude", "attn", "--out", str(out)]) == 0
+    decisions = (out / "graph_0_training" / "decisions.txt").read_text()
+    assert "contraction dim is not a multiple of the MX block size 32: contraction size 48" in decisions
+    assert "module FQN matches Config.exclude_fqns: 'attn' contains 'attn'" in decisions
+    assert "kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules): gate has component 'gate'" in decisions
+    texts = _svg_texts(out / "graph_0_training" / "region.svg")
+    for reason in ("NOT_MULTIPLE_OF_32", "FQN_EXCLUDED", "KEEP_BF16"):
+        assert f"kept in high precision: {reason}" in texts
+    summary = capsys.readouterr().out
+    assert "NOT_MULTIPLE_OF_32" in summary and "FQN_EXCLUDED" in summary and "KEEP_BF16" in summary
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["mxfp8-dump", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("missing.py:make", "mxfp8-dump: error: no such file: missing.py"),
+        ("{file}:nothing", "has no function 'nothing'"),
+        ("{file}:broken", "broken() in {file} raised RuntimeError: cannot build the model: no weights here"),
+        ("{file}:no_gemms", "no GEMM (_grouped_mm, mm, addmm) in the compiled graphs, nothing to convert"),
+        ("{file}", "expected FILE.py:FACTORY"),
+    ],
+)
+def test_bad_targets_fail_clearly_without_a_traceback(factory_file: Path, tmp_path: Path, spec: str, message: str) -> None:
+    done = _cli(spec.format(file=factory_file), "--out", str(tmp_path / "o"))
+    assert done.returncode == 1
+    assert message.format(file=factory_file) in done.stderr
+    assert "Traceback" not in done.stderr and "(--debug shows the traceback)" in done.stderr
+
+
+def test_debug_shows_the_traceback(factory_file: Path, tmp_path: Path) -> None:
+    done = _cli(f"{factory_file}:broken", "--debug", "--out", str(tmp_path / "o"))
+    assert done.returncode == 1 and "Traceback" in done.stderr and "no weights here" in done.stderr
+
+
+TRACED = """
+import torch, mxfp8_compile
+def fn(x, w, offs):
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+args = (torch.randn(64, 64, dtype=torch.bfloat16), torch.randn(2, 32, 64, dtype=torch.bfloat16),
+        torch.tensor([30, 64], dtype=torch.int32))
+torch.compile(fn, backend=mxfp8_compile.backend(inductor=False))(*args)
+"""
+
+
+def test_trace_artifacts_and_the_plugin_log(tmp_path: Path) -> None:
+    env = {**os.environ, "TORCH_TRACE": str(tmp_path), "MXFP8_COMPILE_LOG": "INFO"}
+    done = subprocess.run([sys.executable, "-c", TRACED], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "mxfp8 rewrite report (inference graph, target emulated)" in done.stderr  # the plugin's log
+    trace = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    for artifact in ("mxfp8_rewrite_report", "mxfp8_graph_before", "mxfp8_graph_after"):
+        assert f'"name": "{artifact}"' in trace

@@ -1,0 +1,330 @@
+"""``mxfp8-dump``: what the plugin did to a model, and why, in words and in a picture.
+
+It compiles the model twice under AOTAutograd with Inductor's decompositions and partitioner
+(the graphs Inductor sees, without code generation): once without the plugin (the bf16
+baseline, for the saved-for-backward bytes) and once with it. For every graph the plugin saw it
+writes, under ``--out``::
+
+    summary.txt                       what the terminal prints
+    graph_<i>_<kind>/before.py        the graph as code before the passes
+    graph_<i>_<kind>/after.py         ... and after them
+    graph_<i>_<kind>/decisions.txt    one line per GEMM: role, shapes, dtype, bytes, module, decision
+    graph_<i>_<kind>/report.json      the same, structured
+    graph_<i>_<kind>/region.svg       the rewritten region, one row per GEMM
+
+Usage: ``mxfp8-dump --example moe --train``, ``mxfp8-dump path/to/file.py:factory`` where
+``factory()`` returns ``(model, example_inputs)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from mxfp8_compile.backend import aot_backend
+from mxfp8_compile.config import Config
+from mxfp8_compile.passes import report as _report
+from mxfp8_compile.passes.report import PassReport
+from mxfp8_compile.tools._render import region_svg
+
+A2A = "_c10d_functional.all_to_all_single.default"
+
+
+class DumpError(Exception):
+    """A problem with what was asked to dump: the message is meant for the user as it is."""
+
+
+@dataclasses.dataclass
+class GraphDump:
+    """One graph the plugin saw: its report and the graph after the passes."""
+
+    report: PassReport
+    graph: fx.GraphModule | None
+    directory: Path | None = None
+
+
+@dataclasses.dataclass
+class DumpResult:
+    graphs: list[GraphDump]
+    summary: str
+    saved_bytes: tuple[int, int] | None  # saved for backward: bf16 compile, with the plugin
+    out: Path | None
+
+    @property
+    def reports(self) -> list[PassReport]:
+        return [g.report for g in self.graphs]
+
+
+# --------------------------------------------------------------------------------------------
+# The Python API.
+# --------------------------------------------------------------------------------------------
+
+
+def dump(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    config: Config | None = None,
+    *,
+    train: bool = True,
+    out: str | Path | None = None,
+    name: str = "model",
+    progress: Callable[[str], None] | None = None,
+) -> DumpResult:
+    """Compile ``model`` on ``example_inputs`` with the plugin, forward (+ backward if
+    ``train``), and return (and, with ``out``, write) what it decided for every GEMM.
+
+    The model is not modified: both compilations run on deep copies.
+    """
+    config = config or Config()
+    say = progress or (lambda _: None)
+    mode = "forward+backward" if train else "forward"
+    say(f"compiling {name} ({mode}) without the plugin (bf16 baseline) ...")
+    baseline_graphs: dict[str, fx.GraphModule] = {}
+    _run(copy.deepcopy(model), example_inputs, aot_backend(None, baseline_graphs.__setitem__), train)
+
+    say(f"compiling {name} ({mode}) with backend mxfp8 ...")
+    graphs: list[tuple[str, fx.GraphModule]] = []
+    earlier = len(_report.reports())
+    with _report.capture_graphs():
+        _run(copy.deepcopy(model), example_inputs,
+             aot_backend(config, lambda kind, gm: graphs.append((kind, gm))), train)
+    new_reports = _report.reports()[earlier:]
+    rewritten = [gm for kind, gm in graphs if kind in ("joint", "inference")]
+    dumps = [GraphDump(r, gm) for r, gm in zip(new_reports, rewritten)]
+    if not any(r.entries for r in new_reports):
+        raise DumpError(f"{name}: no GEMM (_grouped_mm, mm, addmm) in the compiled graphs, nothing to convert")
+
+    plugin_graphs = dict(graphs)
+    saved = None
+    if train and "backward" in baseline_graphs and "backward" in plugin_graphs:
+        saved = (_saved_bytes(baseline_graphs["backward"]), _saved_bytes(plugin_graphs["backward"]))
+    summary = _summary(name, mode, dumps, saved, graphs)
+    result = DumpResult(dumps, summary, saved, Path(out) if out is not None else None)
+    if out is not None:
+        _write(result, Path(out))
+    return result
+
+
+def _run(model: torch.nn.Module, inputs: Sequence[Any], backend: Callable[..., Any], train: bool) -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    inputs = list(inputs)
+    if train and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
+        inputs[0] = inputs[0].detach().clone().requires_grad_()
+    if not train:
+        with torch.no_grad():
+            compiled(*inputs)
+        return
+    out = _first_tensor(compiled(*inputs))
+    # squares, not a plain sum: a sum's gradient is an expanded (stride 0) tensor
+    out.float().pow(2).mean().backward()
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    raise DumpError(f"the model's output ({type(out).__name__}) holds no floating-point tensor to train on")
+
+
+def _saved_bytes(backward: fx.GraphModule) -> int:
+    """Bytes of what the forward saves for the backward: the backward's non-tangent inputs."""
+    total = 0
+    for node in backward.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not node.name.startswith("tangents") and isinstance(val, torch.Tensor):
+            total += val.numel() * val.element_size()
+    return total
+
+
+def _a2a_bytes(graph: fx.GraphModule) -> int:
+    total = 0
+    for node in graph.graph.nodes:
+        if str(node.target) == A2A:
+            val = node.args[0].meta["val"]
+            total += val.numel() * val.element_size()
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _summary(
+    name: str,
+    mode: str,
+    dumps: list[GraphDump],
+    saved: tuple[int, int] | None,
+    graphs: list[tuple[str, fx.GraphModule]],
+) -> str:
+    reports = [d.report for d in dumps]
+    targets = sorted({r.target for r in reports if r.target != "none"}) or ["none"]
+    lines = [f"mxfp8-dump: {name} ({mode}), target {', '.join(targets)}"]
+    lines.append(f"graphs rewritten: {len(reports)} ({', '.join(r.graph for r in reports)})")
+    converted = Counter(f"{e.site.role.value} {e.site.layout.value}" for r in reports for e in r.entries if e.converted)
+    kept = Counter(e.decision.reason for r in reports for e in r.entries if not e.converted)
+    lines.append(f"GEMMs converted to MXFP8: {sum(converted.values())}")
+    lines += [f"  {count:4d}  {key}" for key, count in sorted(converted.items())]
+    lines.append(f"GEMMs kept in high precision: {sum(kept.values())}")
+    lines += [f"  {count:4d}  {reason.name}: {reason.value}" for reason, count in sorted(kept.items(), key=lambda kv: kv[0].name)]
+    before = sum(e.site.bytes_before or 0 for r in reports for e in r.entries if e.converted)
+    after = sum(e.site.bytes_after or 0 for r in reports for e in r.entries if e.converted)
+    lines.append(f"operands of the converted GEMMs: {_size(before)} -> {_size(after)}")
+    a2a_before = sum(_a2a_bytes(gm) for kind, gm in graphs if kind in ("joint", "inference"))
+    if a2a_before:
+        lines.append(f"all-to-all payload: {_size(a2a_before)} (quantization is not moved across collectives yet)")
+    else:
+        lines.append("all-to-all payload: no all-to-all in the graphs")
+    if saved is not None:
+        lines.append(f"saved for backward: {_size(saved[0])} (bf16 compile) -> {_size(saved[1])} (with the plugin)")
+    return "\n".join(lines)
+
+
+def _write(result: DumpResult, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.txt").write_text(result.summary + "\n")
+    for i, graph in enumerate(result.graphs):
+        directory = out / f"graph_{i}_{graph.report.graph}"
+        directory.mkdir(exist_ok=True)
+        graph.directory = directory
+        (directory / "before.py").write_text(graph.report.graph_before or "")
+        (directory / "after.py").write_text(graph.report.graph_after or "")
+        (directory / "decisions.txt").write_text(graph.report.to_text() + "\n")
+        (directory / "report.json").write_text(_report.json_dumps(graph.report) + "\n")
+        if graph.graph is not None:
+            (directory / "region.svg").write_text(region_svg(graph.graph.graph, graph.report))
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+# --------------------------------------------------------------------------------------------
+
+
+def _examples() -> dict[str, Callable[[argparse.Namespace], tuple[torch.nn.Module, tuple[Any, ...]]]]:
+    from mxfp8_compile.examples import clients
+    from mxfp8_compile.examples.moe import MoEConfig, build
+
+    examples: dict[str, Callable[[argparse.Namespace], Any]] = {
+        "moe": lambda args: build(MoEConfig(layers=args.layers)),
+    }
+    if importlib.util.find_spec("transformers") is not None:
+        for family in clients.HF_FAMILIES:
+            examples[family] = lambda args, family=family: clients.hf_example(family)
+    if importlib.util.find_spec("torchtitan") is not None:
+        examples["torchtitan_dsv3"] = lambda args: clients.torchtitan_example()
+    return examples
+
+
+def _load_factory(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    path, sep, attr = spec.rpartition(":")
+    if not sep or not path or not attr:
+        raise DumpError(f"expected FILE.py:FACTORY, got {spec!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise DumpError(f"no such file: {file} (from {spec!r}; expected FILE.py:FACTORY)")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise DumpError(f"importing {file} failed: {type(e).__name__}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise DumpError(f"{file} has no function {attr!r}")
+    try:
+        made = factory()
+    except Exception as e:
+        raise DumpError(f"{attr}() in {file} raised {type(e).__name__}: {e}") from e
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise DumpError(f"{attr}() in {file} must return (model, example_inputs), got {type(made).__name__}")
+    model, inputs = made
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mxfp8-dump",
+        description="Show what the mxfp8 plugin does to a model's GEMMs, and why.",
+        epilog="examples: mxfp8-dump --example moe --train;  mxfp8-dump my_model.py:make --train --out dump",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("factory", nargs="?", help="FILE.py:FACTORY; FACTORY() returns (model, example_inputs)")
+    what.add_argument("--example", help="a built-in example: moe, or a real client when its package is installed")
+    p.add_argument("--train", action="store_true", help="forward and backward (default: forward only)")
+    p.add_argument("--out", default="mxfp8-dump", help="where the files go (default: ./mxfp8-dump)")
+    p.add_argument("--layers", type=int, default=4, help="blocks of --example moe (default 4)")
+    p.add_argument("--scale-mode", default="rceil", choices=["rceil", "floor"])
+    p.add_argument("--target", default="auto", help="auto, sm100, sm90 or emulated")
+    p.add_argument("--gemms", default="forward,dgrad,wgrad", help="roles to convert, comma-separated")
+    p.add_argument("--no-dense-linears", action="store_true", help="leave dense mm/addmm in bf16")
+    p.add_argument("--include", action="append", default=[], help="convert only FQNs containing this (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="keep FQNs containing this in bf16 (repeatable)")
+    p.add_argument("--keep-bf16", default="gate,router,lm_head,output", help="FQN components kept in bf16")
+    p.add_argument("--min-gemm-size", type=int, default=0, help="keep GEMMs with K*N below this in bf16")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = Config(
+            scale_mode=args.scale_mode, target=args.target, gemms=tuple(filter(None, args.gemms.split(","))),
+            dense_linears=not args.no_dense_linears, include_fqns=tuple(args.include),
+            exclude_fqns=tuple(args.exclude), keep_bf16_modules=tuple(filter(None, args.keep_bf16.split(","))),
+            min_gemm_size=args.min_gemm_size,
+        )
+        if args.example:
+            examples = _examples()
+            if args.example not in examples:
+                raise DumpError(f"unknown example {args.example!r}; available here: {', '.join(examples)}")
+            model, inputs = examples[args.example](args)
+            name = f"example {args.example}"
+        else:
+            model, inputs = _load_factory(args.factory)
+            name = args.factory
+        start = time.perf_counter()
+        result = dump(model, inputs, config, train=args.train, out=args.out, name=name,
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (DumpError, ValueError, TypeError, NotImplementedError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mxfp8-dump: error: {e}" + ("" if args.debug else "  (--debug shows the traceback)"), file=sys.stderr)
+        return 1
+    except Exception as e:  # a failure inside torch.compile or the model: keep it short unless asked
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mxfp8-dump: error: compiling {name} failed: {type(e).__name__}: {first}"
+              + ("" if args.debug else "  (--debug shows the traceback)"), file=sys.stderr)
+        return 1
+    print(result.summary)
+    files = sum(1 for p in Path(args.out).rglob("*") if p.is_file())
+    print(f"\nwrote {files} files to {args.out}/ in {time.perf_counter() - start:.1f} s "
+          f"(decisions.txt: the table; region.svg: the picture; before.py/after.py: the graphs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,8 @@ class Config:
         default the router gate and the lm_head, as torchtitan's MXFP8 recipes keep them.
     min_gemm_size: GEMMs whose weight has fewer elements (K * N) stay in bf16.
     operand_dtypes: operand dtypes that may be quantized; others stay as they are.
+    fast_accum: on sm90, let the FP8 GEMMs accumulate in Hopper's faster, less precise mode
+        (``use_fast_accum``); off by default.
     """
 
     scale_mode: str = "rceil"
@@ -41,6 +43,7 @@ class Config:
     keep_bf16_modules: tuple[str, ...] = ("gate", "router", "lm_head", "output")
     min_gemm_size: int = 0
     operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
+    fast_accum: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scale_mode", self.scale_mode, tuple(m.value for m in ScaleMode))
@@ -51,8 +54,9 @@ class Config:
             _check_choice("gemms", role, GEMM_ROLES)
         for dtype in self.operand_dtypes:
             _check_choice("operand_dtypes", dtype, tuple(OPERAND_DTYPES))
-        if not isinstance(self.dense_linears, bool):
-            raise TypeError(f"Config.dense_linears must be a bool, got {self.dense_linears!r}")
+        for flag in ("dense_linears", "fast_accum"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if not isinstance(self.min_gemm_size, int) or self.min_gemm_size < 0:
             raise ValueError(f"Config.min_gemm_size must be an int >= 0, got {self.min_gemm_size!r}")
 

@@ -17,6 +17,7 @@ to_blocked                 scales (..., R, C) -> SM100 blocked bytes (..., round
 to_blocked_m_groups        scales (M, K/32), offs -> per-token-group blocked A scales (2Dx3D)
 to_blocked_k_groups        scales (R, Mp/32), padded offs -> per-group blocked scales (2Dx2D)
 rebase_rowwise             (qdata, scales, dim) -> (rebased e4m3, one u8 scale per row)  (SM90)
+quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Triton on CUDA)
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
                            2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
@@ -176,6 +177,29 @@ def _(qdata: Tensor, scales: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return qdata.new_empty(qdata.shape), scales.new_empty(row_shape)
 
 
+@torch.library.custom_op("mxfp8::quantize_rebase", mutates_args=())
+def quantize_rebase(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    """MX-quantize ``x`` along its last dim, then rebase each row to one scale:
+    ``numerics.rebase_rowwise(*numerics.to_mx(x))``. One Triton kernel on CUDA."""
+    qdata, scales = numerics.to_mx(x, dim=-1, mode=mode)
+    return numerics.rebase_rowwise(qdata, scales, dim=-1)
+
+
+@quantize_rebase.register_kernel("cuda")
+def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_rows
+
+    return quantize_rebase_rows(x, mode)
+
+
+@quantize_rebase.register_fake
+def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    numerics.check_high_precision("x", x)
+    numerics.check_block_dim("x", x, -1)
+    numerics.ScaleMode.parse(mode)
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8)
+
+
 @torch.library.custom_op("mxfp8::rebase_token_groups", mutates_args=())
 def rebase_token_groups(qdata: Tensor, scales: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
     """``numerics.rebase_token_groups``: one scale per (group, column)."""
@@ -271,4 +295,110 @@ def scaled_mm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.d
 @scaled_mm.register_fake
 def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
     _check_gemm(qa, sa, qb, sb, out_dtype, (2,))
+    return qa.new_empty(qa.shape[0], qb.shape[1], dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# SM90: FP8 GEMMs with one power-of-two scale per contraction row (after the rowwise rebase).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_rowwise(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None) -> None:
+    """A (.., K) with one scale per row; B (.., K, N) with one scale per column (per group for
+    2Dx2D, where the contraction runs over each group's tokens)."""
+    for name, q, s in (("A", qa, sa), ("B", qb, sb)):
+        if q.dtype != _E4M3:
+            raise TypeError(f"{name} data must be float8_e4m3fn, got {q.dtype}")
+        _check_scales(f"{name} row scales", s)
+    if qa.shape[-1] != qb.shape[-2]:
+        raise ValueError(f"contraction dims differ: A {tuple(qa.shape)}, B {tuple(qb.shape)}")
+    if offs is not None and qb.dim() == 2:  # 2Dx2D: per group and row
+        expected = ((offs.shape[0], qa.shape[0]), (offs.shape[0], qb.shape[1]))
+    elif offs is not None:
+        expected = ((qa.shape[0],), (qb.shape[0], qb.shape[2]))
+    else:
+        expected = ((qa.shape[0],), (qb.shape[1],))
+    for name, s, shape in (("A", sa, expected[0]), ("B", sb, expected[1])):
+        if tuple(s.shape) != tuple(shape):
+            raise ValueError(f"{name} row scales have shape {tuple(s.shape)}, expected {tuple(shape)}")
+
+
+def _rowwise_operands(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exact bf16 values of rowwise-scaled operands (the emulation of the SM90 GEMMs)."""
+    scale_a, scale_b = numerics.e8m0_to_fp32(sa), numerics.e8m0_to_fp32(sb)
+    if offs is not None and qb.dim() == 2:  # the scale of a token column is its group's
+        token = torch.arange(qa.shape[1], device=qa.device, dtype=torch.int32)
+        group = torch.searchsorted(offs, token, right=True).clamp(max=offs.shape[0] - 1)
+        a = qa.float() * scale_a[group].t()
+        b = qb.float() * scale_b[group]
+    else:
+        a = qa.float() * scale_a[..., None]
+        b = qb.float() * scale_b.unsqueeze(-2)
+    return a.to(torch.bfloat16), b.mT.contiguous().mT.to(torch.bfloat16)
+
+
+@torch.library.custom_op("mxfp8::scaled_grouped_mm_rowwise", mutates_args=())
+def scaled_grouped_mm_rowwise(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype, fast_accum: bool
+) -> Tensor:
+    """FP8 grouped GEMM with power-of-two rowwise scales given as E8M0 bytes (SM90's path).
+
+    2Dx3D: ``qa`` (M, K), ``sa`` (M,); ``qb`` (E, K, N), ``sb`` (E, N); ``offs`` (E,) -> (M, N).
+    2Dx2D: ``qa`` (N, Mp), ``sa`` (G, N); ``qb`` (Mp, K), ``sb`` (G, K); ``offs`` (G,) -> (G, N, K).
+    This implementation emulates it exactly (bf16 values, fp32 accumulation); on CUDA it is
+    ``torch._scaled_grouped_mm`` with fp32 scales.
+    """
+    _check_rowwise(qa, sa, qb, sb, offs)
+    a, b = _rowwise_operands(qa, sa, qb, sb, offs)
+    return torch._grouped_mm(a, b, offs=offs).to(out_dtype)
+
+
+@scaled_grouped_mm_rowwise.register_kernel("cuda")
+def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
+    _check_rowwise(qa, sa, qb, sb, offs)
+    scale_a, scale_b = numerics.e8m0_to_fp32(sa), numerics.e8m0_to_fp32(sb)
+    if qb.dim() == 2:  # 2Dx2D takes flat (groups x rows) scales
+        scale_a, scale_b = scale_a.reshape(-1), scale_b.reshape(-1)
+    # The kernel takes A row-major and B column-major.
+    qa = qa if qa.stride(-1) == 1 else qa.contiguous()
+    qb = qb if qb.stride(-2) == 1 else qb.mT.contiguous().mT
+    out = torch._scaled_grouped_mm(
+        qa, qb, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=fast_accum
+    )
+    return out.to(out_dtype)
+
+
+@scaled_grouped_mm_rowwise.register_fake
+def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
+    _check_rowwise(qa, sa, qb, sb, offs)
+    if qb.dim() == 3:
+        return qa.new_empty(qa.shape[0], qb.shape[-1], dtype=out_dtype)
+    return qa.new_empty(offs.shape[0], qa.shape[0], qb.shape[-1], dtype=out_dtype)
+
+
+@torch.library.custom_op("mxfp8::scaled_mm_rowwise", mutates_args=())
+def scaled_mm_rowwise(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool
+) -> Tensor:
+    """Dense FP8 GEMM with power-of-two rowwise scales: ``qa`` (M, K), ``sa`` (M,); ``qb`` (K, N),
+    ``sb`` (N,) -> (M, N). Emulated here; ``torch._scaled_mm`` with fp32 scales on CUDA."""
+    _check_rowwise(qa, sa, qb, sb, None)
+    a, b = _rowwise_operands(qa, sa, qb, sb, None)
+    return torch.mm(a, b).to(out_dtype)
+
+
+@scaled_mm_rowwise.register_kernel("cuda")
+def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
+    _check_rowwise(qa, sa, qb, sb, None)
+    qa = qa if qa.stride(-1) == 1 else qa.contiguous()
+    qb = qb if qb.stride(-2) == 1 else qb.mT.contiguous().mT
+    scale_a = numerics.e8m0_to_fp32(sa)[:, None]
+    scale_b = numerics.e8m0_to_fp32(sb)[None, :]
+    out = torch._scaled_mm(qa, qb, scale_a, scale_b, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+    return out.to(out_dtype)
+
+
+@scaled_mm_rowwise.register_fake
+def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
+    _check_rowwise(qa, sa, qb, sb, None)
     return qa.new_empty(qa.shape[0], qb.shape[1], dtype=out_dtype)

@@ -58,7 +58,7 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     matches = find_gemms(graph, config)
     device = matches[0].a.node.meta["val"].device if matches else None
     target = select_target(config, device) if any(m.decision for m in matches) else "none"
-    rewrite_gemms(graph, matches, config)
+    rewrite_gemms(graph, matches, config, target)
     graph.lint()
     rep = _report.PassReport(
         graph="training" if training else "inference",

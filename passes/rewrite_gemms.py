@@ -3,8 +3,12 @@
 2Dx3D and dense (contraction on A's last dim and B's dim -2)::
 
     y = _grouped_mm(a, b, offs)         qa, sa = mxfp8.quantize(a, -1, mode)
-                                  ->    qb, sb = mxfp8.quantize(b, -2, mode)
-                                        y = mxfp8.scaled_grouped_mm(qa, sa, qb, sb, offs, dtype)
+                                  ->    qbt, sbt = mxfp8.quantize(b^T, -1, mode)
+                                        y = mxfp8.scaled_grouped_mm(qa, sa, qbt^T, sbt^T, offs, dtype)
+
+B is quantized through its transpose: in the forward, ``b^T`` is the weight as stored, so the
+cast reads contiguous memory, and ``qbt^T`` is column-major, the layout FP8 GEMMs take (a cast
+of a transposed view would come out row-major).
 
 2Dx2D (the wgrad contracts over tokens, so both operands are quantized along tokens per group,
 each group zero-padded to 32 rows; the padded offsets are computed on the device)::
@@ -14,6 +18,13 @@ each group zero-padded to 32 rows; the padded offsets are computed on the device
                                         dw = mxfp8.scaled_grouped_mm(qd^T, sd^T, qx, sx, po, dtype)
 
 The emulated target consumes MX scales as they are, so no rearrange node is inserted for it.
+The sm90 target rearranges by the rowwise rebase (one power-of-two scale per contraction row, or
+per group and row for 2Dx2D) and calls the FP8 rowwise GEMMs::
+
+    ra, ra_scale = mxfp8.quantize_rebase(a, mode)        # quantize, then rebase_rowwise, fused
+    rbt, rb_scale = mxfp8.quantize_rebase(b^T, mode)
+    y = mxfp8.scaled_grouped_mm_rowwise(ra, ra_scale, rbt^T, rb_scale, offs, dtype, fast_accum)
+
 A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
 """
 
@@ -33,17 +44,17 @@ mxfp8 = torch.ops.mxfp8
 aten = torch.ops.aten
 
 
-def rewrite_gemms(graph: fx.Graph, matches: list[GemmMatch], config: Config) -> int:
-    """Rewrite every converted match in place; returns how many GEMMs were rewritten."""
+def rewrite_gemms(graph: fx.Graph, matches: list[GemmMatch], config: Config, target: str) -> int:
+    """Rewrite every converted match in place for ``target``; returns how many were rewritten."""
     done = 0
     for match in matches:
         if match.decision:
-            _replace(graph, match, _emit(graph, match, config))
+            _replace(graph, match, _emit(graph, match, config, target))
             done += 1
     return done
 
 
-def _emit(graph: fx.Graph, m: GemmMatch, config: Config) -> fx.Node:
+def _emit(graph: fx.Graph, m: GemmMatch, config: Config, target: str) -> fx.Node:
     provenance = f"rewrite_gemms:{m.site.label}"
 
     def call(target: object, *args: object) -> fx.Node:
@@ -58,21 +69,39 @@ def _emit(graph: fx.Graph, m: GemmMatch, config: Config) -> fx.Node:
     def materialize(op: Operand) -> fx.Node:
         return transposed(op.node) if op.transposed else op.node
 
-    mode = config.scale_mode
+    mode, sm90 = config.scale_mode, target == "sm90"
     if m.site.layout is Layout.GROUPED_2D2D:
         # A is (N, M): quantize its token-major transpose (M, N), then view the result back.
         a_tokens = m.a.node if m.a.transposed else transposed(m.a.node)
         qa, sa, padded_offs = multi(mxfp8.quantize_token_groups.default, a_tokens, m.offs, mode)
         qb, sb, _ = multi(mxfp8.quantize_token_groups.default, materialize(m.b), m.offs, mode)
-        return call(
-            mxfp8.scaled_grouped_mm.default, transposed(qa), transposed(sa), qb, sb, padded_offs, m.out_dtype
-        )
+        if not sm90:
+            return call(
+                mxfp8.scaled_grouped_mm.default, transposed(qa), transposed(sa), qb, sb, padded_offs, m.out_dtype
+            )
+        qa, sa = multi(mxfp8.rebase_token_groups.default, qa, sa, padded_offs)
+        qb, sb = multi(mxfp8.rebase_token_groups.default, qb, sb, padded_offs)
+        return call(mxfp8.scaled_grouped_mm_rowwise.default, transposed(qa), sa, qb, sb, padded_offs,
+                    m.out_dtype, config.fast_accum)
+    b_t = m.b.node if m.b.transposed else transposed(m.b.node)
+    dense = m.site.layout is Layout.DENSE
+    if sm90:  # quantize and rebase in one kernel per operand
+        qa, sa = multi(mxfp8.quantize_rebase.default, materialize(m.a), mode)
+        qbt, sb = multi(mxfp8.quantize_rebase.default, b_t, mode)
+        gemm = mxfp8.scaled_mm_rowwise.default if dense else mxfp8.scaled_grouped_mm_rowwise.default
+        args = (m.out_dtype, config.fast_accum) if dense else (m.offs, m.out_dtype, config.fast_accum)
+        return _with_bias(call, call(gemm, qa, sa, transposed(qbt), sb, *args), m)
     qa, sa = multi(mxfp8.quantize.default, materialize(m.a), -1, mode)
-    qb, sb = multi(mxfp8.quantize.default, materialize(m.b), -2, mode)
-    if m.site.layout is Layout.DENSE:
-        out = call(mxfp8.scaled_mm.default, qa, sa, qb, sb, m.out_dtype)
-        return out if m.bias is None else call(aten.add.Tensor, out, m.bias)
-    return call(mxfp8.scaled_grouped_mm.default, qa, sa, qb, sb, m.offs, m.out_dtype)
+    qbt, sbt = multi(mxfp8.quantize.default, b_t, -1, mode)
+    if dense:
+        out = call(mxfp8.scaled_mm.default, qa, sa, transposed(qbt), transposed(sbt), m.out_dtype)
+    else:
+        out = call(mxfp8.scaled_grouped_mm.default, qa, sa, transposed(qbt), transposed(sbt), m.offs, m.out_dtype)
+    return _with_bias(call, out, m)
+
+
+def _with_bias(call: object, out: fx.Node, m: GemmMatch) -> fx.Node:
+    return out if m.bias is None else call(aten.add.Tensor, out, m.bias)
 
 
 def _replace(graph: fx.Graph, m: GemmMatch, new: fx.Node) -> None:

@@ -49,11 +49,15 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.to_blocked_m_groups, (s, offs), {}),
         (ops.to_blocked_k_groups, (st.t().contiguous(), po), {}),
         (ops.rebase_rowwise, (q, s, -1), {}),
+        (ops.quantize_rebase, (w.transpose(-2, -1),), {"mode": "floor"}),
         (ops.rebase_rowwise, (qw, sw, -2), {}),
         (ops.rebase_token_groups, (qt, st, po), {}),
         (ops.scaled_grouped_mm, (q, s, qw, sw, offs, BF16), {}),
         (ops.scaled_grouped_mm, (qd.t(), sd.t(), qt, st, po, torch.float32), {}),
         (ops.scaled_mm, (q, s, qw[0], sw[0], BF16), {}),
+        (ops.scaled_grouped_mm_rowwise, (*ops.rebase_rowwise(q, s, -1), qw, sw[:, 0], offs, BF16, False), {}),
+        (ops.scaled_grouped_mm_rowwise, (qd.t(), sd[:8], qt, st[:8], po, BF16, True), {}),
+        (ops.scaled_mm_rowwise, (*ops.rebase_rowwise(q, s, -1), qw[0], sw[0, 0], torch.float32, False), {}),
     ]
 
 

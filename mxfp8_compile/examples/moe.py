@@ -25,7 +25,7 @@ class MoEConfig:
     experts: int = 8
     top_k: int = 2
     expert_hidden: int = 128
-    shared_hidden: int = 128
+    shared_hidden: int = 128  # 0: no shared expert
     vocab: int = 256
     init_std: float = 0.02  # as torchtitan and HF transformers (initializer_range) initialize
 
@@ -78,7 +78,7 @@ class MoE(nn.Module):
         self.experts_count, self.top_k = cfg.experts, cfg.top_k
         self.gate = nn.Linear(cfg.dim, cfg.experts, bias=False)
         self.experts = GroupedExperts(cfg)
-        self.shared_expert = SharedExpert(cfg)
+        self.shared_expert = SharedExpert(cfg) if cfg.shared_hidden else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -94,7 +94,9 @@ class MoE(nn.Module):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         routed = self.experts(tokens[source], offs) * weights.flatten()[order, None]
         out = torch.zeros_like(tokens).index_add(0, source, routed)
-        return (out + self.shared_expert(tokens)).reshape(shape)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.reshape(shape)
 
 
 class Block(nn.Module):

@@ -1,0 +1,118 @@
+"""On an SM90 GPU (marked gpu; skipped without CUDA): the sm90 target for real."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mxfp8_compile
+from mx_cases import CASES
+from mxfp8_compile import Config, numerics, ops
+from mxfp8_compile.examples.moe import MoEConfig, build
+from mxfp8_compile.lowering import targets
+from mxfp8_compile.numerics import sqnr
+
+pytestmark = pytest.mark.gpu
+BF16 = torch.bfloat16
+
+
+def test_auto_target_is_sm90_on_hopper() -> None:
+    device = torch.device("cuda")
+    if targets.device_capability(device) != targets.SM90:
+        pytest.skip(f"not an SM90 GPU: capability {targets.device_capability(device)}")
+    assert targets.select_target(Config(), device) == "sm90"
+
+
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+def test_reference_numerics_are_the_same_bits_on_cuda(mode: str) -> None:
+    blocks = torch.cat([c.tensor().float() for c in CASES])
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(333, 256, generator=g) * torch.exp2(torch.randint(-60, 60, (333, 1), generator=g).float())
+    for x in (blocks, random, random.bfloat16()):
+        q_cpu, s_cpu = numerics.to_mx(x, mode=mode)
+        q_gpu, s_gpu = numerics.to_mx(x.cuda(), mode=mode)
+        assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8)) and torch.equal(s_gpu.cpu(), s_cpu)
+    offs = torch.tensor([0, 1, 33, 200, 333], dtype=torch.int32)
+    cpu = numerics.to_mx_token_groups(random.bfloat16(), offs, mode=mode)
+    gpu = numerics.to_mx_token_groups(random.bfloat16().cuda(), offs.cuda(), mode=mode)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           (b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b).cpu())
+
+
+@pytest.mark.parametrize("fast_accum,bar", [(False, 50), (True, 35)])
+def test_rowwise_gemms_on_cuda_match_their_emulation(fast_accum: bool, bar: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 1024, generator=g).to(BF16)
+    w = (torch.randn(8, 512, 1024, generator=g) / 32).to(BF16)
+    dy = torch.randn(4096, 512, generator=g).to(BF16)
+    offs = torch.tensor([0, 300, 1000, 1000, 2600, 3000, 4000, 4096], dtype=torch.int32)
+    q, s = ops.quantize(x)
+    qbt, sbt = ops.quantize(w)
+    ra, rsa = ops.rebase_rowwise(q, s, -1)
+    rbt, rsb = ops.rebase_rowwise(qbt, sbt, -1)
+    qd, sd, po = ops.quantize_token_groups(dy, offs)
+    qx, sx, _ = ops.quantize_token_groups(x, offs)
+    rd, rsd = ops.rebase_token_groups(qd, sd, po)
+    rx, rsx = ops.rebase_token_groups(qx, sx, po)
+    calls = [
+        (ops.scaled_grouped_mm_rowwise, (ra, rsa, rbt.mT, rsb, offs, BF16, fast_accum)),
+        (ops.scaled_grouped_mm_rowwise, (rd.t(), rsd, rx, rsx, po, BF16, fast_accum)),
+        (ops.scaled_mm_rowwise, (ra, rsa, rbt[0].t(), rsb[0], BF16, fast_accum)),
+    ]
+    for op, args in calls:
+        emulated = op(*args)
+        on_gpu = op(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+        assert sqnr(emulated, on_gpu.cpu()) >= bar, op
+
+
+@pytest.mark.parametrize("outlier", [1, 100, 1000, 10000])
+def test_rebase_sqnr_on_outlier_activations(outlier: float) -> None:
+    # DESIGN section 6: a few channels of x 100-10000x larger than the rest; target >= 40 dB
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(4096, 4096, device="cuda", generator=g)
+    b = torch.randn(4096, 1024, device="cuda", generator=g)
+    channels = torch.randperm(4096, device="cuda", generator=g)[:16]
+    a[:, channels] *= outlier
+    value = numerics.rebase_gemm_sqnr(a, b)
+    print(f"rebase SQNR vs exact MX, {outlier}x outliers: {value:.1f} dB")
+    assert value >= 40
+
+
+def test_moe_model_with_inductor_on_sm90() -> None:
+    torch.manual_seed(0)
+    model, (x,) = build(MoEConfig(layers=1, dim=1024, expert_hidden=1024, shared_hidden=1024), seq=512)
+    model, x = model.cuda(), x.cuda()
+    reference = copy.deepcopy(model)
+    target = torch.randn(x.shape[:-1] + (256,), device="cuda")
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    # torchao's scope (experts converted): the routers see the same bf16 inputs in both runs,
+    # so no top-k choice flips and the comparison measures the GEMMs.
+    out = torch.compile(model, backend="mxfp8", options={"include_fqns": ["experts"]})(x1)
+    F.mse_loss(out.float(), target).backward()
+    report = mxfp8_compile.last_report()
+    assert report.target == "sm90" and sum(s.fqn.endswith("experts") for s in report.converted()) == 9
+    ref = torch.compile(reference)(x2)
+    F.mse_loss(ref.float(), target).backward()
+    worst = min((sqnr(p.grad, q.grad), name) for (name, p), q in zip(reference.named_parameters(), model.parameters()))
+    print(f"sm90 vs torch.compile bf16: output {sqnr(ref, out):.1f} dB, input grad "
+          f"{sqnr(x2.grad, x1.grad):.1f} dB, worst weight grad {worst}")
+    assert sqnr(ref, out) >= 23 and sqnr(x2.grad, x1.grad) >= 29 and worst[0] >= 21, worst
+
+
+def test_quantize_rebase_kernel_is_bit_exact() -> None:
+    from kernel_cases import mismatches
+
+    assert mismatches("cuda", large=True) == []
+
+
+def test_quantize_rebase_op_runs_the_triton_kernel() -> None:
+    x = torch.randn(256, 512, device="cuda", dtype=BF16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.quantize_rebase(x)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels == ["_quantize_rebase_rows_kernel"], kernels

@@ -1,0 +1,107 @@
+"""The sm90 target on CPU: its GEMMs run through their exact emulation; the capability check
+is monkeypatched to report an SM90 device. The same path runs for real in test_gpu.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mxfp8_compile
+from compare import compare, mse_to
+from mxfp8_compile import Config, ops
+from mxfp8_compile.examples.moe import MoEConfig, build
+from mxfp8_compile.lowering import targets
+from mxfp8_compile.numerics import sqnr
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def pretend_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(targets, "device_capability", lambda device: targets.SM90)
+
+
+def _operands(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(200, 128, generator=g).to(BF16),
+        "w": (torch.randn(4, 96, 128, generator=g) / 11).to(BF16),
+        "dy": torch.randn(200, 96, generator=g).to(BF16),
+        "offs": torch.tensor([0, 61, 130, 200], dtype=torch.int32),
+    }
+
+
+def test_rowwise_grouped_gemms_match_the_mx_gemms() -> None:
+    t = _operands()
+    # forward 2Dx3D: rebased rowwise operands against the exact MX operands
+    q, s = ops.quantize(t["x"])
+    qbt, sbt = ops.quantize(t["w"])  # B^T = W, along K
+    ra, rsa = ops.rebase_rowwise(q, s, -1)
+    rbt, rsb = ops.rebase_rowwise(qbt, sbt, -1)
+    mx = ops.scaled_grouped_mm(q, s, qbt.mT, sbt.mT, t["offs"], BF16)
+    rowwise = ops.scaled_grouped_mm_rowwise(ra, rsa, rbt.mT, rsb, t["offs"], BF16, False)
+    assert sqnr(mx, rowwise) >= 45
+    # wgrad 2Dx2D, token groups
+    qd, sd, po = ops.quantize_token_groups(t["dy"], t["offs"])
+    qx, sx, _ = ops.quantize_token_groups(t["x"], t["offs"])
+    mx = ops.scaled_grouped_mm(qd.t(), sd.t(), qx, sx, po, BF16)
+    rd, rsd = ops.rebase_token_groups(qd, sd, po)
+    rx, rsx = ops.rebase_token_groups(qx, sx, po)
+    rowwise = ops.scaled_grouped_mm_rowwise(rd.t(), rsd, rx, rsx, po, BF16, False)
+    assert rowwise.shape == (4, 96, 128) and not rowwise[0].any()  # the empty first group
+    assert sqnr(mx, rowwise) >= 45
+    # dense
+    mx = ops.scaled_mm(q, s, qbt[1].t(), sbt[1].t(), BF16)
+    rowwise = ops.scaled_mm_rowwise(ra, rsa, rbt[1].t(), rsb[1], BF16, False)
+    assert sqnr(mx, rowwise) >= 45
+
+
+def test_bad_rowwise_scales_are_named() -> None:
+    t = _operands()
+    q, s = ops.quantize(t["x"])
+    ra, rsa = ops.rebase_rowwise(q, s, -1)
+    qbt, sbt = ops.quantize(t["w"])
+    rbt, rsb = ops.rebase_rowwise(qbt, sbt, -1)
+    with pytest.raises(ValueError, match=r"B row scales have shape \(4, 48\), expected \(4, 96\)"):
+        ops.scaled_grouped_mm_rowwise(ra, rsa, rbt.mT, rsb[:, :48], t["offs"], BF16, False)
+
+
+@pytest.mark.usefixtures("pretend_sm90")
+def test_sm90_rewrite_of_the_moe_layer() -> None:
+    model, (x,) = build(MoEConfig(layers=1))
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    sm90 = lambda m: torch.compile(  # noqa: E731
+        m, backend=mxfp8_compile.backend(Config(target="sm90"), inductor=False, on_graph=graphs.__setitem__)
+    )
+    result = compare(model, sm90, (x,), mse_to("random"))
+    report = mxfp8_compile.last_report()
+    assert report.target == "sm90" and len(report.converted()) == 30
+    targets_in_graph = {str(n.target) for gm in graphs.values() for n in gm.graph.nodes}
+    assert {"mxfp8.quantize_rebase.default", "mxfp8.rebase_token_groups.default",
+            "mxfp8.scaled_grouped_mm_rowwise.default", "mxfp8.scaled_mm_rowwise.default"} <= targets_in_graph
+    assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & targets_in_graph
+    # the same bars as the emulated target (test_compile_moe), which the rebase barely moves
+    assert result.output >= 23 and result.input_grad >= 29 and result.worst_weight[1] >= 21
+    emulated = compare(model, lambda m: torch.compile(m, backend=mxfp8_compile.backend(inductor=False)),
+                       (x,), mse_to("random"))
+    assert abs(emulated.output - result.output) < 1.0
+
+
+def test_target_choice() -> None:
+    cpu = torch.device("cpu")
+    assert targets.select_target(Config(), cpu) == "emulated"
+    assert targets.select_target(Config(target="emulated"), cpu) == "emulated"
+    with pytest.raises(ValueError, match=r"Config\(target='sm90'\) needs an SM90 GPU \(H100, H200\); this graph's GEMMs run on cpu"):
+        targets.select_target(Config(target="sm90"), cpu)
+    with pytest.raises(NotImplementedError, match=r"target 'sm100' is not implemented yet"):
+        targets.select_target(Config(target="sm100"), cpu)
+
+
+def test_auto_picks_sm90_only_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda", 0)
+    for capability, expected in (((9, 0), "sm90"), ((8, 0), "emulated"), ((10, 0), "emulated"), ((12, 0), "emulated")):
+        monkeypatch.setattr(targets, "device_capability", lambda device, c=capability: c)
+        assert targets.select_target(Config(), cuda) == expected

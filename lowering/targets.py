@@ -1,4 +1,4 @@
-"""Which implementation of the MX GEMMs a compilation targets (DESIGN section 6).
+"""Which implementation of the MX GEMMs a compilation targets.
 
 Decided at compile time from the device of the graph's GEMM operands, never at import.
 

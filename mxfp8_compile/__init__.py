@@ -3,8 +3,9 @@
 Three ways in: ``torch.compile(model, backend="mxfp8")`` (no import needed), ``with
 mxfp8_compile.enabled(config):`` around the first call of a default ``torch.compile``, and
 ``mxfp8_compile.backend(config, inductor=...)`` for an explicit backend callable.
-``numerics`` holds the MX reference math; the ``mxfp8::`` ops register when a graph is first
-rewritten (or on ``import mxfp8_compile.ops``). Importing this package registers nothing.
+``numerics`` holds the MX reference math; the ``mxfp8::`` ops register when a backend or
+``enabled()`` is set up (or on ``import mxfp8_compile.ops``). Importing this package registers
+nothing.
 """
 
 import logging as _logging
@@ -16,8 +17,12 @@ from mxfp8_compile import numerics
 # would not do: torch parses TORCH_LOGS at import and rejects names it does not know.
 if _level := _os.environ.get("MXFP8_COMPILE_LOG"):
     _logger = _logging.getLogger("mxfp8_compile")
-    _logger.setLevel(_level.upper())
     _logger.addHandler(_logging.StreamHandler())
+    try:
+        _logger.setLevel(_level.upper())
+    except ValueError:
+        _logger.setLevel(_logging.INFO)
+        _logger.warning("MXFP8_COMPILE_LOG=%r is not a logging level (DEBUG, INFO, ...); using INFO", _level)
 from mxfp8_compile.backend import backend, mxfp8_backend
 from mxfp8_compile.config import Config
 from mxfp8_compile.enable import enabled

@@ -1,8 +1,8 @@
 """Installing the joint pass into Inductor's ``joint_custom_pre_pass`` hook.
 
 torch 2.11 takes one callable per hook (2.13 also takes lists), so the plugin's pass and any
-pass the user had there are composed into one ``CustomGraphPass``: the user's pass runs after
-ours and stays in the cache key. Ours is replaced, not stacked, when the hook already holds it
+passes the user had there are composed into one ``CustomGraphPass``: the user's passes run after
+ours and stay in the cache key. Ours is replaced, not stacked, when the hook already holds it
 (nested ``enabled()`` blocks: the innermost config wins).
 """
 
@@ -17,27 +17,30 @@ from mxfp8_compile.config import Config
 from mxfp8_compile.passes import MXJointPass
 
 
-class _WithUserPass(CustomGraphPass):
-    def __init__(self, ours: MXJointPass, user: Any) -> None:
+class _WithUserPasses(CustomGraphPass):
+    """Our pass, then the user's passes (one callable, or torch 2.13's list of them)."""
+
+    def __init__(self, ours: MXJointPass, user: tuple[Any, ...]) -> None:
         self.ours, self.user = ours, user
 
     def __call__(self, graph: fx.Graph) -> None:
         self.ours(graph)
-        self.user(graph)
+        for user_pass in self.user:
+            user_pass(graph)
 
     def uuid(self) -> Any:
-        user_uuid = self.user.uuid() if isinstance(self.user, CustomGraphPass) else None
+        uuids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.user]
         # A user pass without a uuid makes the graph uncacheable, as it would without us.
-        return None if user_uuid is None else (self.ours.uuid(), user_uuid)
+        return None if None in uuids else (self.ours.uuid(), *uuids)
 
 
 def compose(existing: Any, ours: MXJointPass) -> CustomGraphPass:
-    """``ours`` in place of our earlier pass, in front of whatever user pass ``existing`` holds."""
-    if isinstance(existing, _WithUserPass):
+    """``ours`` in place of our earlier pass, in front of whatever user passes ``existing`` holds."""
+    if isinstance(existing, _WithUserPasses):
         existing = existing.user
-    if existing is None or isinstance(existing, MXJointPass):
-        return ours
-    return _WithUserPass(ours, existing)
+    passes = tuple(existing) if isinstance(existing, (list, tuple)) else (existing,)
+    user = tuple(p for p in passes if p is not None and not isinstance(p, (MXJointPass, _WithUserPasses)))
+    return _WithUserPasses(ours, user) if user else ours
 
 
 def joint_pass_patches(config: Config) -> dict[str, Any]:

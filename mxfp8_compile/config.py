@@ -60,10 +60,6 @@ class Config:
         if not isinstance(self.min_gemm_size, int) or self.min_gemm_size < 0:
             raise ValueError(f"Config.min_gemm_size must be an int >= 0, got {self.min_gemm_size!r}")
 
-    @property
-    def mode(self) -> ScaleMode:
-        return ScaleMode(self.scale_mode)
-
     def allows_dtype(self, dtype: torch.dtype) -> bool:
         return any(OPERAND_DTYPES[name] == dtype for name in self.operand_dtypes)
 

@@ -1,7 +1,8 @@
 """The MX (OCP Microscaling) reference math in plain torch: the single source of truth.
 
 Every kernel, template and target of this project is checked bit for bit against this module.
-It runs on any device torch runs on and never synchronizes with the host.
+It runs on any device torch runs on; its quantization and layout functions never synchronize
+with the host (the SQNR helpers return Python floats, so they do).
 
 Format: ``float8_e4m3fn`` data and one power-of-two scale per 32 contiguous elements along one
 dim. A scale is stored as its E8M0 byte ``b`` in a ``uint8`` tensor and means ``2**(b - 127)``;
@@ -39,8 +40,6 @@ F8E4M3_MAX_POW2 = 8  # 2**8 = 256, the largest power of two <= 448
 E8M0_BIAS = 127
 E8M0_NAN = 255
 F32_MANTISSA_BITS = 23
-# 2**-9: the spacing of e4m3's subnormal grid (3 mantissa bits below 2**-6).
-F8E4M3_SUBNORMAL_STEP = 2.0**-9
 
 # The layout of SM100 block-scaling factors (cuBLAS "block scaling factors layout"): scales are
 # cut into tiles of 128 rows x 4 columns, and each 512-byte tile is stored as (32, 16).
@@ -145,8 +144,8 @@ def e8m0_rceil(descale: torch.Tensor) -> torch.Tensor:
     bits = descale.to(torch.float32).view(torch.int32)
     biased_exponent = (bits >> F32_MANTISSA_BITS) & 0xFF
     mantissa = bits & 0x7FFFFF
-    round_up = torch.where(biased_exponent == 0, mantissa > 0x400000, mantissa != 0)
-    byte = biased_exponent + round_up.to(torch.int32)
+    up = torch.where(biased_exponent == 0, mantissa > 0x400000, mantissa != 0)
+    byte = biased_exponent + up.to(torch.int32)
     return torch.where(torch.isfinite(descale), byte, E8M0_NAN).to(torch.uint8)
 
 
@@ -272,8 +271,7 @@ def padded_group_offsets(offs: torch.Tensor, multiple: int = BLOCK_SIZE) -> torc
     """
     check_offsets("offs", offs)
     sizes = torch.diff(offs, prepend=offs.new_zeros(1))
-    padded = (sizes + (multiple - 1)) // multiple * multiple
-    return torch.cumsum(padded, 0, dtype=torch.int32)
+    return torch.cumsum(round_up(sizes, multiple), 0, dtype=torch.int32)
 
 
 def pad_token_groups(
@@ -296,8 +294,8 @@ def pad_token_groups(
         return x.new_zeros(out_rows, x.shape[1]), padded_offs
     sizes = torch.diff(offs, prepend=offs.new_zeros(1))
     row = torch.arange(out_rows, device=x.device, dtype=torch.int32)
-    group, valid = _group_of(row, padded_offs)
-    local = row - (padded_offs - _round_up_tensor(sizes, multiple))[group]
+    group, valid = group_of(row, padded_offs)
+    local = row - (padded_offs - round_up(sizes, multiple))[group]
     valid &= local < sizes[group]
     source = (offs - sizes)[group] + local
     gathered = x[torch.where(valid, source, 0).long()]
@@ -326,17 +324,14 @@ def to_mx_token_groups(
 # --------------------------------------------------------------------------------------------
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-def _round_up_tensor(n: torch.Tensor, multiple: int) -> torch.Tensor:
+def round_up(n: int | torch.Tensor, multiple: int) -> int | torch.Tensor:
+    """``n`` rounded up to a multiple of ``multiple``, for ints and integer tensors alike."""
     return (n + multiple - 1) // multiple * multiple
 
 
 def blocked_shape(rows: int, cols: int) -> tuple[int, int]:
     """Shape of the padded scale matrix the blocked layout of ``(rows, cols)`` scales fills."""
-    return _round_up(rows, BLOCKED_TILE_ROWS), _round_up(cols, BLOCKED_TILE_COLS)
+    return round_up(rows, BLOCKED_TILE_ROWS), round_up(cols, BLOCKED_TILE_COLS)
 
 
 def blocked_offset(
@@ -404,8 +399,9 @@ def _scatter_with_sink(
     return out[:numel]
 
 
-def _group_of(index: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group of each index given group end offsets, and whether it lies in any group."""
+def group_of(index: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group of each index given group end offsets (clamped into range), and whether it lies
+    in any group. With no groups at all, every index maps to 0 and lies in none."""
     group = torch.searchsorted(ends, index, right=True)
     in_group = group < ends.shape[0]
     return group.clamp(max=max(ends.shape[0] - 1, 0)).long(), in_group
@@ -422,13 +418,15 @@ def to_blocked_m_groups(scales: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     """
     check_offsets("offs", offs)
     rows, cols = scales.shape
-    padded_cols = _round_up(cols, BLOCKED_TILE_COLS)
+    padded_cols = round_up(cols, BLOCKED_TILE_COLS)
     out_rows = padded_rows_bound(rows, offs.shape[0], BLOCKED_TILE_ROWS)
+    if offs.shape[0] == 0:
+        return scales.new_zeros(out_rows, padded_cols)
     sizes = torch.diff(offs, prepend=offs.new_zeros(1))
-    chunk_starts = padded_group_offsets(offs, BLOCKED_TILE_ROWS) - _round_up_tensor(
+    chunk_starts = padded_group_offsets(offs, BLOCKED_TILE_ROWS) - round_up(
         sizes, BLOCKED_TILE_ROWS
     )
-    group, in_group = _group_of(torch.arange(rows, device=scales.device, dtype=torch.int32), offs)
+    group, in_group = group_of(torch.arange(rows, device=scales.device, dtype=torch.int32), offs)
     local_row = (torch.arange(rows, device=scales.device) - (offs - sizes)[group])[:, None]
     col = torch.arange(cols, device=scales.device)[None, :]
     flat = chunk_starts[group].long()[:, None] * padded_cols + blocked_offset(
@@ -450,13 +448,15 @@ def to_blocked_k_groups(scales: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     """
     check_offsets("offs", offs)
     rows, cols = scales.shape
-    padded_rows = _round_up(rows, BLOCKED_TILE_ROWS)
+    padded_rows = round_up(rows, BLOCKED_TILE_ROWS)
     out_cols = padded_rows_bound(cols, offs.shape[0], BLOCKED_TILE_COLS)
+    if offs.shape[0] == 0:
+        return scales.new_zeros(padded_rows, out_cols)
     col_ends = offs // BLOCK_SIZE
     col_sizes = torch.diff(col_ends, prepend=col_ends.new_zeros(1))
-    group_cols = _round_up_tensor(col_sizes, BLOCKED_TILE_COLS)
+    group_cols = round_up(col_sizes, BLOCKED_TILE_COLS)
     chunk_starts = padded_group_offsets(col_ends, BLOCKED_TILE_COLS) - group_cols
-    group, in_group = _group_of(
+    group, in_group = group_of(
         torch.arange(cols, device=scales.device, dtype=torch.int32), col_ends
     )
     local_col = (torch.arange(cols, device=scales.device) - (col_ends - col_sizes)[group])[None, :]

@@ -1,10 +1,10 @@
 """The ``mxfp8::`` custom ops: what the graph passes insert, with fake and reference kernels.
 
 Importing this module registers the ops (``torch.ops.mxfp8.*``). Each op has a fake (meta)
-implementation for tracing and one implementation for every device, built on
-``mxfp8_compile.numerics``: on CPU and on GPUs without a faster path it is the emulated target.
-Faster kernels (Triton templates, hardware GEMMs) replace these through Inductor lowerings and
-are checked bit for bit against them.
+implementation for tracing and a reference implementation for every device, built on
+``mxfp8_compile.numerics`` (the emulated target). Faster implementations are registered for CUDA
+(``register_kernel("cuda")``: the Triton cast kernel, the hardware FP8 GEMMs) and are checked
+against the reference: bit for bit for casts, by SQNR for GEMMs.
 
 Contracts (``numerics`` states the layout conventions):
 
@@ -249,14 +249,20 @@ def _check_grouped_gemm(
         )
 
 
-def _dequantize_a(qa: Tensor, sa: Tensor) -> Tensor:
-    """A (.., K) in bf16, K contiguous (row-major)."""
-    return numerics.from_mx(qa, sa, dim=-1, dtype=torch.bfloat16).contiguous()
+def _compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """The emulation's GEMM dtype: MX values are exact in bf16, and a bf16 GEMM accumulates in
+    fp32; an fp32 result is computed in fp32 rather than rounded through a bf16 output."""
+    return torch.float32 if out_dtype == torch.float32 else torch.bfloat16
 
 
-def _dequantize_b(qb: Tensor, sb: Tensor) -> Tensor:
-    """B (..., K, N) in bf16 with K contiguous (column-major): ``_grouped_mm`` takes any N then."""
-    bt = numerics.from_mx(qb.transpose(-2, -1), sb.transpose(-2, -1), dim=-1, dtype=torch.bfloat16)
+def _dequantize_a(qa: Tensor, sa: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (.., K) in ``dtype``, K contiguous (row-major)."""
+    return numerics.from_mx(qa, sa, dim=-1, dtype=dtype).contiguous()
+
+
+def _dequantize_b(qb: Tensor, sb: Tensor, dtype: torch.dtype) -> Tensor:
+    """B (..., K, N) in ``dtype`` with K contiguous (column-major): ``_grouped_mm`` takes any N."""
+    bt = numerics.from_mx(qb.transpose(-2, -1), sb.transpose(-2, -1), dim=-1, dtype=dtype)
     return bt.contiguous().transpose(-2, -1)
 
 
@@ -271,7 +277,8 @@ def scaled_grouped_mm(
     ``sb`` (Mp/32, K), ``offs`` (G,) end offsets along Mp -> (G, N, K).
     """
     _check_grouped_gemm(qa, sa, qb, sb, offs, out_dtype)
-    out = torch._grouped_mm(_dequantize_a(qa, sa), _dequantize_b(qb, sb), offs=offs)
+    dtype = _compute_dtype(out_dtype)
+    out = torch._grouped_mm(_dequantize_a(qa, sa, dtype), _dequantize_b(qb, sb, dtype), offs=offs)
     return out.to(out_dtype)
 
 
@@ -289,7 +296,8 @@ def _(
 def scaled_mm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
     """Dense GEMM of MX operands, emulated: ``qa`` (M, K) x ``qb`` (K, N) -> (M, N)."""
     _check_gemm(qa, sa, qb, sb, out_dtype, (2,))
-    return torch.mm(_dequantize_a(qa, sa), _dequantize_b(qb, sb)).to(out_dtype)
+    dtype = _compute_dtype(out_dtype)
+    return torch.mm(_dequantize_a(qa, sa, dtype), _dequantize_b(qb, sb, dtype)).to(out_dtype)
 
 
 @scaled_mm.register_fake
@@ -323,18 +331,20 @@ def _check_rowwise(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor 
             raise ValueError(f"{name} row scales have shape {tuple(s.shape)}, expected {tuple(shape)}")
 
 
-def _rowwise_operands(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Exact bf16 values of rowwise-scaled operands (the emulation of the SM90 GEMMs)."""
+def _rowwise_operands(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Exact values of rowwise-scaled operands in ``dtype`` (the emulation of the SM90 GEMMs)."""
     scale_a, scale_b = numerics.e8m0_to_fp32(sa), numerics.e8m0_to_fp32(sb)
     if offs is not None and qb.dim() == 2:  # the scale of a token column is its group's
         token = torch.arange(qa.shape[1], device=qa.device, dtype=torch.int32)
-        group = torch.searchsorted(offs, token, right=True).clamp(max=offs.shape[0] - 1)
+        group, _ = numerics.group_of(token, offs)
         a = qa.float() * scale_a[group].t()
         b = qb.float() * scale_b[group]
     else:
         a = qa.float() * scale_a[..., None]
         b = qb.float() * scale_b.unsqueeze(-2)
-    return a.to(torch.bfloat16), b.mT.contiguous().mT.to(torch.bfloat16)
+    return a.to(dtype), b.mT.contiguous().mT.to(dtype)
 
 
 @torch.library.custom_op("mxfp8::scaled_grouped_mm_rowwise", mutates_args=())
@@ -345,11 +355,15 @@ def scaled_grouped_mm_rowwise(
 
     2Dx3D: ``qa`` (M, K), ``sa`` (M,); ``qb`` (E, K, N), ``sb`` (E, N); ``offs`` (E,) -> (M, N).
     2Dx2D: ``qa`` (N, Mp), ``sa`` (G, N); ``qb`` (Mp, K), ``sb`` (G, K); ``offs`` (G,) -> (G, N, K).
-    This implementation emulates it exactly (bf16 values, fp32 accumulation); on CUDA it is
-    ``torch._scaled_grouped_mm`` with fp32 scales.
+    This implementation emulates it exactly (the operands' exact values, fp32 accumulation); on
+    CUDA it is ``torch._scaled_grouped_mm`` with fp32 scales, whose output is bf16 only (an fp32
+    ``out_dtype`` is a cast of it there).
     """
     _check_rowwise(qa, sa, qb, sb, offs)
-    a, b = _rowwise_operands(qa, sa, qb, sb, offs)
+    if offs.shape[0] == 0:  # no groups: nothing to multiply
+        shape = (0, qa.shape[0], qb.shape[-1]) if qb.dim() == 2 else (qa.shape[0], qb.shape[-1])
+        return qa.new_zeros(shape, dtype=out_dtype)
+    a, b = _rowwise_operands(qa, sa, qb, sb, offs, _compute_dtype(out_dtype))
     return torch._grouped_mm(a, b, offs=offs).to(out_dtype)
 
 
@@ -383,7 +397,7 @@ def scaled_mm_rowwise(
     """Dense FP8 GEMM with power-of-two rowwise scales: ``qa`` (M, K), ``sa`` (M,); ``qb`` (K, N),
     ``sb`` (N,) -> (M, N). Emulated here; ``torch._scaled_mm`` with fp32 scales on CUDA."""
     _check_rowwise(qa, sa, qb, sb, None)
-    a, b = _rowwise_operands(qa, sa, qb, sb, None)
+    a, b = _rowwise_operands(qa, sa, qb, sb, None, _compute_dtype(out_dtype))
     return torch.mm(a, b).to(out_dtype)
 
 
@@ -394,7 +408,8 @@ def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fa
     qb = qb if qb.stride(-2) == 1 else qb.mT.contiguous().mT
     scale_a = numerics.e8m0_to_fp32(sa)[:, None]
     scale_b = numerics.e8m0_to_fp32(sb)[None, :]
-    out = torch._scaled_mm(qa, qb, scale_a, scale_b, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+    gemm_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
+    out = torch._scaled_mm(qa, qb, scale_a, scale_b, out_dtype=gemm_dtype, use_fast_accum=fast_accum)
     return out.to(out_dtype)
 
 

@@ -34,7 +34,7 @@ def _source_files() -> tuple[str, ...]:
 
     package = Path(mxfp8_compile.__file__).parent
     roots = [package, Path(__file__).parent, Path(mxfp8_compile.lowering.__file__).parent]
-    return tuple(sorted({str(p) for root in roots for p in root.rglob("*") if p.suffix in (".py", ".jinja")}))
+    return tuple(sorted({str(p) for root in roots for p in root.rglob("*") if p.suffix == ".py"}))
 
 
 def pass_uuid(config: Config, files: tuple[str, ...] | None = None) -> str:
@@ -56,8 +56,8 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     capture = _report.capturing_graphs() or bool(os.environ.get("TORCH_TRACE"))
     before = graph.python_code("self").src if capture else None
     matches = find_gemms(graph, config)
-    device = matches[0].a.node.meta["val"].device if matches else None
-    target = select_target(config, device) if any(m.decision for m in matches) else "none"
+    converted = [m for m in matches if m.decision]
+    target = select_target(config, converted[0].a.node.meta["val"].device) if converted else "none"
     rewrite_gemms(graph, matches, config, target)
     graph.lint()
     rep = _report.PassReport(

@@ -80,17 +80,9 @@ def insert_multi(
     return outs
 
 
-def transpose_2d(graph: fx.Graph, node: fx.Node, *, like: fx.Node, provenance: str) -> fx.Node:
-    return insert_call(graph, torch.ops.aten.permute.default, [node, [1, 0]], like=like, provenance=provenance)
-
-
 def known_multiple(size: int | torch.SymInt, multiple: int) -> bool:
     """Whether ``size % multiple == 0`` holds for every value a symbolic size can take."""
     return bool(statically_known_true(size % multiple == 0))
-
-
-def size_str(size: int | torch.SymInt) -> str:
-    return str(size)
 
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -96,12 +97,15 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
             )
         elif hf_bwd is not None and node.target == hf_bwd:
             input_, weight, offs, grad = node.args[:4]
-            matches.append(
-                _match(node, config, Role.DGRAD, Layout.GROUPED_2D3D, Operand(grad), Operand(weight, True), offs, output=0)
-            )
-            matches.append(
-                _match(node, config, Role.WGRAD, Layout.GROUPED_2D2D, Operand(input_, True), Operand(grad), offs, output=1)
-            )
+            # An output nobody reads (a frozen weight, an input without grad) has no getitem
+            # left in the graph, and no GEMM to convert.
+            used = {u.args[1] for u in node.users if u.target is operator.getitem}
+            if 0 in used:
+                matches.append(_match(node, config, Role.DGRAD, Layout.GROUPED_2D3D, Operand(grad),
+                                      Operand(weight, True), offs, output=0))
+            if 1 in used:
+                matches.append(_match(node, config, Role.WGRAD, Layout.GROUPED_2D2D, Operand(input_, True),
+                                      Operand(grad), offs, output=1))
     return matches
 
 
@@ -182,9 +186,10 @@ def _operand_bytes(a: Operand, b: Operand, layout: Layout, offs: fx.Node | None)
         return {"bytes_before": None, "bytes_after": None}
     before = sum(n * op.dtype.itemsize for n, op in zip(numels, (a, b)))
     if layout is Layout.GROUPED_2D2D and offs is not None:
-        # each token group is padded to 32 rows: at most 31 more rows per group and operand
+        # each token group is padded to 32 rows: at most 31 more token rows per group, each as
+        # wide as the operand's other dim (A is (N, tokens), B is (tokens, K))
         groups = offs.meta["val"].shape[0]
-        numels = [n + (BLOCK_SIZE - 1) * groups * (n // a.shape[-1]) for n in numels]
+        numels = [n + (BLOCK_SIZE - 1) * groups * width for n, width in zip(numels, (a.shape[0], b.shape[-1]))]
     after = sum(n + n // BLOCK_SIZE for n in numels)
     return {"bytes_before": before, "bytes_after": after}
 

@@ -148,7 +148,7 @@ class PassReport:
             s = e.site
             verdict = "converted" if e.converted else f"skipped: {e.decision}"
             shapes = " x ".join("(" + ", ".join(d) + ")" for d in s.shapes)
-            moved = f"{_size(s.bytes_before)} -> {_size(s.bytes_after) if e.converted else 'same'}"
+            moved = f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after) if e.converted else 'same'}"
             rows.append((s.label, s.role.value, s.layout.value, shapes, s.dtype, moved, s.fqn or "-", verdict))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target})"]
@@ -163,7 +163,7 @@ class PassReport:
             "config": self.config,
             "entries": [
                 {
-                    **{k: v for k, v in dataclasses.asdict(e.site).items()},
+                    **dataclasses.asdict(e.site),
                     "role": e.site.role.value,
                     "layout": e.site.layout.value,
                     "converted": e.converted,
@@ -178,12 +178,13 @@ class PassReport:
         return self.to_text()
 
 
-def _size(n: int | None) -> str:
+def format_bytes(n: float | None) -> str:
+    """``1536`` -> ``1.50 KiB``; None (a symbolic size) -> ``?``."""
     if n is None:
         return "?"
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024 or unit == "MiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -44,14 +44,11 @@ mxfp8 = torch.ops.mxfp8
 aten = torch.ops.aten
 
 
-def rewrite_gemms(graph: fx.Graph, matches: list[GemmMatch], config: Config, target: str) -> int:
-    """Rewrite every converted match in place for ``target``; returns how many were rewritten."""
-    done = 0
+def rewrite_gemms(graph: fx.Graph, matches: list[GemmMatch], config: Config, target: str) -> None:
+    """Rewrite every converted match in place, for ``target``."""
     for match in matches:
         if match.decision:
             _replace(graph, match, _emit(graph, match, config, target))
-            done += 1
-    return done
 
 
 def _emit(graph: fx.Graph, m: GemmMatch, config: Config, target: str) -> fx.Node:

@@ -50,7 +50,7 @@ GEMMs kept in high precision: 15
     15  KEEP_BF16: kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules)
 operands of the converted GEMMs: 14.25 MiB -> 8.10 MiB
 all-to-all payload: no all-to-all in the graphs
-saved for backward: 6.85 MiB (bf16 compile) -> 6.71 MiB (with the plugin)
+saved for backward: 6.85 MiB (bf16 compile) -> 6.65 MiB (with the plugin)
 """)
 
         graph_dir = out / "graph_0_training"
@@ -140,10 +140,13 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         ("{file}:broken", "broken() in {file} raised RuntimeError: cannot build the model: no weights here"),
         ("{file}:no_gemms", "no GEMM (_grouped_mm, mm, addmm) in the compiled graphs, nothing to convert"),
         ("{file}", "expected FILE.py:FACTORY"),
+        ("{text}:make", "is not a Python file (expected FILE.py:FACTORY)"),
     ],
 )
 def test_bad_targets_fail_clearly_without_a_traceback(factory_file: Path, tmp_path: Path, spec: str, message: str) -> None:
-    done = _cli(spec.format(file=factory_file), "--out", str(tmp_path / "o"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not python")
+    done = _cli(spec.format(file=factory_file, text=text), "--out", str(tmp_path / "o"))
     assert done.returncode == 1
     assert message.format(file=factory_file) in done.stderr
     assert "Traceback" not in done.stderr and "(--debug shows the traceback)" in done.stderr

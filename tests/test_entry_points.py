@@ -117,12 +117,12 @@ def test_enabled_nests_restores_on_error_and_keeps_a_user_pass() -> None:
     with inductor_config.patch(joint_custom_pre_pass=user):
         with mxfp8_compile.enabled(Config(scale_mode="floor")):
             outer = inductor_config.joint_custom_pre_pass
-            assert outer.ours.config.scale_mode == "floor" and outer.user is user
+            assert outer.ours.config.scale_mode == "floor" and outer.user == (user,)
             with pytest.raises(RuntimeError, match="boom"):
                 with mxfp8_compile.enabled(Config(scale_mode="rceil")):
                     inner = inductor_config.joint_custom_pre_pass
                     # the innermost config wins; the user's pass still runs after ours
-                    assert inner.ours.config.scale_mode == "rceil" and inner.user is user
+                    assert inner.ours.config.scale_mode == "rceil" and inner.user == (user,)
                     raise RuntimeError("boom")
             assert inductor_config.joint_custom_pre_pass is outer
         assert inductor_config.joint_custom_pre_pass is user
@@ -140,3 +140,24 @@ def test_main_command_prints_decisions_and_sqnr(capsys: pytest.CaptureFixture[st
     sqnr_line = next(line for line in out.splitlines() if line.startswith("SQNR against eager bf16"))
     output_db = float(sqnr_line.split("output ")[1].split(" dB")[0])
     assert output_db >= 23
+
+
+def test_enabled_keeps_a_list_of_user_passes() -> None:
+    # torch 2.13 takes a list per hook; every user pass keeps running, after ours, and hashing.
+    calls = []
+
+    class Counting(torch._inductor.custom_graph_pass.CustomGraphPass):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            calls.append(self.name)
+
+        def uuid(self) -> str:
+            return self.name
+
+    with inductor_config.patch(joint_custom_pre_pass=[Counting("a"), Counting("b")]):
+        with mxfp8_compile.enabled():
+            hook = inductor_config.joint_custom_pre_pass
+            hook(torch.fx.Graph())
+            assert calls == ["a", "b"] and hook.uuid()[1:] == ("a", "b")

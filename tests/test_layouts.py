@@ -164,3 +164,9 @@ def test_groups_of_multiples_of_128_make_per_group_equal_global_layout() -> None
     s = torch.randint(0, 256, (384, 8), dtype=torch.uint8)
     per_group = numerics.to_blocked_m_groups(s, _offsets([128, 0, 256]))
     assert torch.equal(per_group[:384], numerics.to_blocked(s))
+
+
+def test_layouts_with_no_groups() -> None:
+    none = torch.zeros(0, dtype=torch.int32)
+    assert not numerics.to_blocked_m_groups(torch.ones(7, 5, dtype=torch.uint8), none).any()
+    assert numerics.to_blocked_k_groups(torch.ones(7, 0, dtype=torch.uint8), none).shape == (128, 0)

@@ -130,3 +130,21 @@ def test_torchtitan_deepseek_v3_debugmodel() -> None:
                      (tokens, positions, None), loss)
     assert result.output >= 23
     assert result.worst_weight[1] >= 21, result.worst_weight
+
+
+def test_hf_fallback_backward_with_a_frozen_weight() -> None:
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    def experts(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.transformers.grouped_mm_fallback(x, w, offs)
+
+    x = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(4, 64, 32) / 8  # frozen: only the dgrad exists in the backward
+    offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
+    out = torch.compile(experts, backend=mxfp8_compile.backend(inductor=False))(x, w, offs)
+    out.square().sum().backward()
+    report = mxfp8_compile.last_report()
+    assert [(e.site.role, e.converted) for e in report.entries] == [(Role.FORWARD, True), (Role.DGRAD, True)]
+    x_ref = x.detach().clone().requires_grad_()
+    experts(x_ref, w, offs).square().sum().backward()
+    assert mxfp8_compile.numerics.sqnr(x_ref.grad, x.grad) >= 25

@@ -36,7 +36,7 @@ import torch.fx as fx
 from mxfp8_compile.backend import aot_backend
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
-from mxfp8_compile.passes.report import PassReport
+from mxfp8_compile.passes.report import PassReport, format_bytes
 from mxfp8_compile.tools._render import region_svg
 
 A2A = "_c10d_functional.all_to_all_single.default"
@@ -91,8 +91,9 @@ def dump(
     say = progress or (lambda _: None)
     mode = "forward+backward" if train else "forward"
     say(f"compiling {name} ({mode}) without the plugin (bf16 baseline) ...")
-    baseline_graphs: dict[str, fx.GraphModule] = {}
-    _run(copy.deepcopy(model), example_inputs, aot_backend(None, baseline_graphs.__setitem__), train)
+    baseline_graphs: list[tuple[str, fx.GraphModule]] = []
+    _run(copy.deepcopy(model), example_inputs,
+         aot_backend(None, lambda kind, gm: baseline_graphs.append((kind, gm))), train)
 
     say(f"compiling {name} ({mode}) with backend mxfp8 ...")
     graphs: list[tuple[str, fx.GraphModule]] = []
@@ -106,10 +107,10 @@ def dump(
     if not any(r.entries for r in new_reports):
         raise DumpError(f"{name}: no GEMM (_grouped_mm, mm, addmm) in the compiled graphs, nothing to convert")
 
-    plugin_graphs = dict(graphs)
     saved = None
-    if train and "backward" in baseline_graphs and "backward" in plugin_graphs:
-        saved = (_saved_bytes(baseline_graphs["backward"]), _saved_bytes(plugin_graphs["backward"]))
+    if train:  # over every backward graph: a graph break makes several
+        saved = tuple(sum(_saved_bytes(gm) for kind, gm in run if kind == "backward")
+                      for run in (baseline_graphs, graphs))
     summary = _summary(name, mode, dumps, saved, graphs)
     result = DumpResult(dumps, summary, saved, Path(out) if out is not None else None)
     if out is not None:
@@ -163,14 +164,6 @@ def _a2a_bytes(graph: fx.GraphModule) -> int:
     return total
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _summary(
     name: str,
     mode: str,
@@ -190,14 +183,14 @@ def _summary(
     lines += [f"  {count:4d}  {reason.name}: {reason.value}" for reason, count in sorted(kept.items(), key=lambda kv: kv[0].name)]
     before = sum(e.site.bytes_before or 0 for r in reports for e in r.entries if e.converted)
     after = sum(e.site.bytes_after or 0 for r in reports for e in r.entries if e.converted)
-    lines.append(f"operands of the converted GEMMs: {_size(before)} -> {_size(after)}")
+    lines.append(f"operands of the converted GEMMs: {format_bytes(before)} -> {format_bytes(after)}")
     a2a_before = sum(_a2a_bytes(gm) for kind, gm in graphs if kind in ("joint", "inference"))
     if a2a_before:
-        lines.append(f"all-to-all payload: {_size(a2a_before)} (quantization is not moved across collectives yet)")
+        lines.append(f"all-to-all payload: {format_bytes(a2a_before)} (quantization is not moved across collectives yet)")
     else:
         lines.append("all-to-all payload: no all-to-all in the graphs")
     if saved is not None:
-        lines.append(f"saved for backward: {_size(saved[0])} (bf16 compile) -> {_size(saved[1])} (with the plugin)")
+        lines.append(f"saved for backward: {format_bytes(saved[0])} (bf16 compile) -> {format_bytes(saved[1])} (with the plugin)")
     return "\n".join(lines)
 
 
@@ -244,6 +237,8 @@ def _load_factory(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     if not file.is_file():
         raise DumpError(f"no such file: {file} (from {spec!r}; expected FILE.py:FACTORY)")
     module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    if module_spec is None or module_spec.loader is None:
+        raise DumpError(f"{file} is not a Python file (expected FILE.py:FACTORY)")
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
@@ -288,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    name = f"example {args.example}" if args.example else args.factory
     try:
         config = Config(
             scale_mode=args.scale_mode, target=args.target, gemms=tuple(filter(None, args.gemms.split(","))),
@@ -300,10 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.example not in examples:
                 raise DumpError(f"unknown example {args.example!r}; available here: {', '.join(examples)}")
             model, inputs = examples[args.example](args)
-            name = f"example {args.example}"
         else:
             model, inputs = _load_factory(args.factory)
-            name = args.factory
         start = time.perf_counter()
         result = dump(model, inputs, config, train=args.train, out=args.out, name=name,
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))

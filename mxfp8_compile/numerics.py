@@ -264,14 +264,25 @@ def padded_rows_bound(rows: int, groups: int, multiple: int) -> int:
     return (rows + (multiple - 1) * groups) // multiple * multiple
 
 
+def group_sizes(ends: torch.Tensor) -> torch.Tensor:
+    """Sizes of the groups whose end offsets are ``ends`` (the first starts at 0)."""
+    return torch.diff(ends, prepend=ends.new_zeros(1))
+
+
 def padded_group_offsets(offs: torch.Tensor, multiple: int = BLOCK_SIZE) -> torch.Tensor:
     """End offsets (int32) of the groups after padding each to a multiple of ``multiple``.
 
     Computed on the device: no host synchronization.
     """
     check_offsets("offs", offs)
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1))
-    return torch.cumsum(round_up(sizes, multiple), 0, dtype=torch.int32)
+    return torch.cumsum(round_up(group_sizes(offs), multiple), 0, dtype=torch.int32)
+
+
+def _padded_groups(ends: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sizes, padded_starts, padded_ends)`` of groups padded to multiples of ``multiple``."""
+    sizes = group_sizes(ends)
+    padded_ends = padded_group_offsets(ends, multiple)
+    return sizes, padded_ends - round_up(sizes, multiple), padded_ends
 
 
 def pad_token_groups(
@@ -289,13 +300,12 @@ def pad_token_groups(
     if x.dim() != 2:
         raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
     out_rows = padded_rows_bound(x.shape[0], offs.shape[0], multiple)
-    padded_offs = padded_group_offsets(offs, multiple)
+    sizes, padded_starts, padded_offs = _padded_groups(offs, multiple)
     if offs.shape[0] == 0 or x.shape[0] == 0:
         return x.new_zeros(out_rows, x.shape[1]), padded_offs
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1))
     row = torch.arange(out_rows, device=x.device, dtype=torch.int32)
     group, valid = group_of(row, padded_offs)
-    local = row - (padded_offs - round_up(sizes, multiple))[group]
+    local = row - padded_starts[group]
     valid &= local < sizes[group]
     source = (offs - sizes)[group] + local
     gathered = x[torch.where(valid, source, 0).long()]
@@ -422,10 +432,7 @@ def to_blocked_m_groups(scales: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     out_rows = padded_rows_bound(rows, offs.shape[0], BLOCKED_TILE_ROWS)
     if offs.shape[0] == 0:
         return scales.new_zeros(out_rows, padded_cols)
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1))
-    chunk_starts = padded_group_offsets(offs, BLOCKED_TILE_ROWS) - round_up(
-        sizes, BLOCKED_TILE_ROWS
-    )
+    sizes, chunk_starts, _ = _padded_groups(offs, BLOCKED_TILE_ROWS)
     group, in_group = group_of(torch.arange(rows, device=scales.device, dtype=torch.int32), offs)
     local_row = (torch.arange(rows, device=scales.device) - (offs - sizes)[group])[:, None]
     col = torch.arange(cols, device=scales.device)[None, :]
@@ -453,9 +460,8 @@ def to_blocked_k_groups(scales: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     if offs.shape[0] == 0:
         return scales.new_zeros(padded_rows, out_cols)
     col_ends = offs // BLOCK_SIZE
-    col_sizes = torch.diff(col_ends, prepend=col_ends.new_zeros(1))
+    col_sizes, chunk_starts, _ = _padded_groups(col_ends, BLOCKED_TILE_COLS)
     group_cols = round_up(col_sizes, BLOCKED_TILE_COLS)
-    chunk_starts = padded_group_offsets(col_ends, BLOCKED_TILE_COLS) - group_cols
     group, in_group = group_of(
         torch.arange(cols, device=scales.device, dtype=torch.int32), col_ends
     )

@@ -250,7 +250,7 @@ def _check_grouped_gemm(
 
 
 def _compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
-    """The emulation's GEMM dtype: MX values are exact in bf16, and a bf16 GEMM accumulates in
+    """The GEMM's own output dtype: MX values are exact in bf16, and a bf16 GEMM accumulates in
     fp32; an fp32 result is computed in fp32 rather than rounded through a bf16 output."""
     return torch.float32 if out_dtype == torch.float32 else torch.bfloat16
 
@@ -347,6 +347,13 @@ def _rowwise_operands(
     return a.to(dtype), b.mT.contiguous().mT.to(dtype)
 
 
+def _fp8_gemm_layouts(qa: Tensor, qb: Tensor) -> tuple[Tensor, Tensor]:
+    """The layouts torch's FP8 GEMMs take: A row-major, B column-major (copies only if not)."""
+    qa = qa if qa.stride(-1) == 1 else qa.contiguous()
+    qb = qb if qb.stride(-2) == 1 else qb.mT.contiguous().mT
+    return qa, qb
+
+
 @torch.library.custom_op("mxfp8::scaled_grouped_mm_rowwise", mutates_args=())
 def scaled_grouped_mm_rowwise(
     qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype, fast_accum: bool
@@ -373,9 +380,7 @@ def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: t
     scale_a, scale_b = numerics.e8m0_to_fp32(sa), numerics.e8m0_to_fp32(sb)
     if qb.dim() == 2:  # 2Dx2D takes flat (groups x rows) scales
         scale_a, scale_b = scale_a.reshape(-1), scale_b.reshape(-1)
-    # The kernel takes A row-major and B column-major.
-    qa = qa if qa.stride(-1) == 1 else qa.contiguous()
-    qb = qb if qb.stride(-2) == 1 else qb.mT.contiguous().mT
+    qa, qb = _fp8_gemm_layouts(qa, qb)
     out = torch._scaled_grouped_mm(
         qa, qb, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=fast_accum
     )
@@ -404,12 +409,10 @@ def scaled_mm_rowwise(
 @scaled_mm_rowwise.register_kernel("cuda")
 def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
     _check_rowwise(qa, sa, qb, sb, None)
-    qa = qa if qa.stride(-1) == 1 else qa.contiguous()
-    qb = qb if qb.stride(-2) == 1 else qb.mT.contiguous().mT
+    qa, qb = _fp8_gemm_layouts(qa, qb)
     scale_a = numerics.e8m0_to_fp32(sa)[:, None]
     scale_b = numerics.e8m0_to_fp32(sb)[None, :]
-    gemm_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
-    out = torch._scaled_mm(qa, qb, scale_a, scale_b, out_dtype=gemm_dtype, use_fast_accum=fast_accum)
+    out = torch._scaled_mm(qa, qb, scale_a, scale_b, out_dtype=_compute_dtype(out_dtype), use_fast_accum=fast_accum)
     return out.to(out_dtype)
 
 

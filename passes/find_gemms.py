@@ -78,7 +78,7 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
     """All GEMMs of ``graph`` in graph order, each with its decision."""
     hf_fwd, hf_bwd = _hf_ops()
     weight_sources = {
-        view_source(n.args[2] if n.target == aten.addmm.default else n.args[1])
+        view_source(_dense_operands(n)[1])
         for n in graph.nodes
         if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default) and not is_backward(n)
     }
@@ -131,13 +131,21 @@ def _grouped(node: fx.Node, config: Config) -> GemmMatch:
     return _match(node, config, role, layout, Operand(a), Operand(b), offs, out_dtype=out_dtype, extra=extra)
 
 
-def _dense(node: fx.Node, config: Config, weight_sources: set[object]) -> GemmMatch:
+def _dense_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """``(A, B, bias)`` of ``mm(A, B)`` or ``addmm(bias, A, B)``."""
     if node.target == aten.addmm.default:
         bias, a, b = node.args[:3]
-        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-        extra = None if beta == 1 and alpha == 1 else Skip(SkipReason.UNSUPPORTED_ARGS, f"addmm with beta={beta}, alpha={alpha}")
-    else:
-        (a, b), bias, extra = node.args[:2], None, None
+        return a, b, bias
+    a, b = node.args[:2]
+    return a, b, None
+
+
+def _dense(node: fx.Node, config: Config, weight_sources: set[object]) -> GemmMatch:
+    a, b, bias = _dense_operands(node)
+    extra = None
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if beta != 1 or alpha != 1:
+        extra = Skip(SkipReason.UNSUPPORTED_ARGS, f"addmm with beta={beta}, alpha={alpha}")
     if not is_backward(node):
         role = Role.FORWARD
     elif view_source(a) in weight_sources or view_source(b) in weight_sources:

@@ -66,11 +66,16 @@ def _emit(graph: fx.Graph, m: GemmMatch, config: Config, target: str) -> fx.Node
     def materialize(op: Operand) -> fx.Node:
         return transposed(op.node) if op.transposed else op.node
 
+    def transpose_of(op: Operand) -> fx.Node:
+        return op.node if op.transposed else transposed(op.node)
+
+    def with_bias(out: fx.Node) -> fx.Node:
+        return out if m.bias is None else call(aten.add.Tensor, out, m.bias)
+
     mode, sm90 = config.scale_mode, target == "sm90"
     if m.site.layout is Layout.GROUPED_2D2D:
         # A is (N, M): quantize its token-major transpose (M, N), then view the result back.
-        a_tokens = m.a.node if m.a.transposed else transposed(m.a.node)
-        qa, sa, padded_offs = multi(mxfp8.quantize_token_groups.default, a_tokens, m.offs, mode)
+        qa, sa, padded_offs = multi(mxfp8.quantize_token_groups.default, transpose_of(m.a), m.offs, mode)
         qb, sb, _ = multi(mxfp8.quantize_token_groups.default, materialize(m.b), m.offs, mode)
         if not sm90:
             return call(
@@ -80,25 +85,21 @@ def _emit(graph: fx.Graph, m: GemmMatch, config: Config, target: str) -> fx.Node
         qb, sb = multi(mxfp8.rebase_token_groups.default, qb, sb, padded_offs)
         return call(mxfp8.scaled_grouped_mm_rowwise.default, transposed(qa), sa, qb, sb, padded_offs,
                     m.out_dtype, config.fast_accum)
-    b_t = m.b.node if m.b.transposed else transposed(m.b.node)
+    b_t = transpose_of(m.b)
     dense = m.site.layout is Layout.DENSE
     if sm90:  # quantize and rebase in one kernel per operand
         qa, sa = multi(mxfp8.quantize_rebase.default, materialize(m.a), mode)
         qbt, sb = multi(mxfp8.quantize_rebase.default, b_t, mode)
         gemm = mxfp8.scaled_mm_rowwise.default if dense else mxfp8.scaled_grouped_mm_rowwise.default
         args = (m.out_dtype, config.fast_accum) if dense else (m.offs, m.out_dtype, config.fast_accum)
-        return _with_bias(call, call(gemm, qa, sa, transposed(qbt), sb, *args), m)
+        return with_bias(call(gemm, qa, sa, transposed(qbt), sb, *args))
     qa, sa = multi(mxfp8.quantize.default, materialize(m.a), -1, mode)
     qbt, sbt = multi(mxfp8.quantize.default, b_t, -1, mode)
     if dense:
         out = call(mxfp8.scaled_mm.default, qa, sa, transposed(qbt), transposed(sbt), m.out_dtype)
     else:
         out = call(mxfp8.scaled_grouped_mm.default, qa, sa, transposed(qbt), transposed(sbt), m.offs, m.out_dtype)
-    return _with_bias(call, out, m)
-
-
-def _with_bias(call: object, out: fx.Node, m: GemmMatch) -> fx.Node:
-    return out if m.bias is None else call(aten.add.Tensor, out, m.bias)
+    return with_bias(out)
 
 
 def _replace(graph: fx.Graph, m: GemmMatch, new: fx.Node) -> None:

@@ -145,13 +145,17 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise DumpError(f"the model's output ({type(out).__name__}) holds no floating-point tensor to train on")
 
 
+def _nbytes(val: torch.Tensor) -> int:
+    return val.numel() * val.element_size()
+
+
 def _saved_bytes(backward: fx.GraphModule) -> int:
     """Bytes of what the forward saves for the backward: the backward's non-tangent inputs."""
     total = 0
     for node in backward.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         if not node.name.startswith("tangents") and isinstance(val, torch.Tensor):
-            total += val.numel() * val.element_size()
+            total += _nbytes(val)
     return total
 
 
@@ -159,8 +163,7 @@ def _a2a_bytes(graph: fx.GraphModule) -> int:
     total = 0
     for node in graph.graph.nodes:
         if str(node.target) == A2A:
-            val = node.args[0].meta["val"]
-            total += val.numel() * val.element_size()
+            total += _nbytes(node.args[0].meta["val"])
     return total
 
 

@@ -1,9 +1,12 @@
 """Cast kernels: bytes moved per second against a device-to-device copy in the same run.
 
 Bytes moved = what the kernel must read (bf16 input) plus write (e4m3 data and scale bytes),
-once each. Timed with ``triton.testing.do_bench`` (median) over rotating inputs.
+once each. Kernels: ``quantize_rebase`` of a row-major activation (the forward's x) and of a
+transposed view (a weight cast along its other dim, for dgrad); ``quantize_rebase_token_groups``
+(the wgrad's operands, 8 groups, uniform or skewed). Timed with ``triton.testing.do_bench``
+(median) over rotating inputs.
 
-    python benchmarks/bench_cast.py --out cast.json
+    python benchmarks/bench_cast.py --sweep --out cast.json
 """
 
 from __future__ import annotations
@@ -11,26 +14,39 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+from collections.abc import Callable
 
 import torch
 import triton
 from triton.testing import do_bench
 
+from bench_gemms import group_ends
 from mxfp8_compile import ops
+from mxfp8_compile.lowering import triton_quantize
+from mxfp8_compile.numerics import padded_rows_bound
 
-SHAPES = [(16384, 5120), (32768, 5120), (65536, 7168), (16384, 7168)]
+SHAPES = [(16384, 5120), (32768, 5120), (65536, 7168), (16384, 7168), (16384, 2048)]
 ROTATING = 3
+# tiles tried by --sweep: (BLOCK_R, BLOCK_K, warps) of the row kernel, (BLOCK_M, BLOCK_K, warps)
+# of the column kernel (token groups; transposed views use its default)
+ROW_TILES = [(1, 2048, 4), (1, 8192, 4), (1, 8192, 8), (1, 8192, 16), (2, 8192, 16)]
+COLUMN_TILES = [(128, 64, 4), (64, 64, 4), (128, 32, 4), (256, 32, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4)]
+
+
+def _time(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--sweep", action="store_true", help="also time other tile shapes of the kernel")
+    parser.add_argument("--sweep", action="store_true", help="also time other tile shapes of the kernels")
     args = parser.parse_args()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat()}
     print(meta, flush=True)
     rows = []
+    print("| kernel | M x K | copy TB/s | ms | TB/s | of copy |\n|---|---|---|---|---|---|")
     for m, k in SHAPES:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(ROTATING)]
         dst = torch.empty_like(xs[0])
@@ -40,23 +56,35 @@ def main() -> None:
             i["i"] = (i["i"] + 1) % ROTATING
             return xs[i["i"]]
 
-        t_copy = do_bench(lambda: dst.copy_(nxt()), return_mode="median")
-        t_cast = do_bench(lambda: ops.quantize_rebase(nxt()), return_mode="median")
-        if args.sweep:  # tile shapes of the kernel, for choosing its defaults
-            from mxfp8_compile.lowering.triton_quantize import quantize_rebase_rows
-
-            for block_r, block_k, warps in [(8, 512, 4), (4, 512, 4), (2, 1024, 4), (1, 1024, 4), (1, 4096, 4), (1, 2048, 8)]:
-                t = do_bench(lambda: quantize_rebase_rows(nxt(), block_r=block_r, block_k=block_k, num_warps=warps),
-                             return_mode="median")
-                print(f"   BLOCK_R {block_r:2d} BLOCK_K {block_k:4d} warps {warps}: {t:.3f} ms, "
-                      f"{(m * k * 3 + m) / t / 1e9:.2f} TB/s", flush=True)
-        copy_bw = 2 * m * k * 2 / t_copy / 1e9  # TB/s: read + write
-        cast_bw = (m * k * 2 + m * k + m) / t_cast / 1e9
-        row = {"M": m, "K": k, "copy_ms": t_copy, "copy_TBps": copy_bw, "quantize_rebase_ms": t_cast,
-               "quantize_rebase_TBps": cast_bw, "fraction_of_copy": cast_bw / copy_bw}
-        rows.append(row)
-        print(f"{m:6d} x {k:5d}: copy {copy_bw:.2f} TB/s | quantize_rebase (1x32 + rowwise rebase) "
-              f"{t_cast:.3f} ms, {cast_bw:.2f} TB/s = {cast_bw / copy_bw:.0%} of copy", flush=True)
+        copy_bw = 2 * m * k * 2 / _time(lambda: dst.copy_(nxt())) / 1e9  # TB/s: read + write
+        row_bytes = m * k * 2 + m * k + m
+        kernels: dict[str, tuple[Callable[..., object], float, list]] = {
+            "quantize_rebase rows": (
+                lambda tile=None: triton_quantize.quantize_rebase_rows(nxt(), tile=tile), row_bytes, ROW_TILES),
+            "quantize_rebase transposed view": (lambda: triton_quantize.quantize_rebase_rows(nxt().t()), row_bytes, []),
+        }
+        for routing in ("uniform", "skewed"):
+            offs = group_ends(m, 8, routing)
+            group_bytes = m * k * 2 + padded_rows_bound(m, 8, 32) * k + 8 * k
+            kernels[f"quantize_rebase_token_groups {routing}"] = (
+                lambda tile=None, offs=offs: triton_quantize.quantize_rebase_token_groups(nxt(), offs, tile=tile),
+                group_bytes, COLUMN_TILES)
+        for name, (run, moved, tiles) in kernels.items():
+            t = _time(run)
+            bw = moved / t / 1e9
+            rows.append({"kernel": name, "M": m, "K": k, "copy_TBps": copy_bw, "ms": t, "TBps": bw,
+                         "fraction_of_copy": bw / copy_bw})
+            print(f"| {name} | {m} x {k} | {copy_bw:.2f} | {t:.3f} | {bw:.2f} | {bw / copy_bw:.0%} |", flush=True)
+            if args.sweep:  # for choosing the kernels' default tiles
+                for tile in tiles:
+                    ts = _time(lambda: run(tile))
+                    print(f"|   tile {tile[0]}x{tile[1]}, {tile[2]} warps | | | {ts:.3f} | {moved / ts / 1e9:.2f} | "
+                          f"{moved / ts / 1e9 / copy_bw:.0%} |", flush=True)
+        del xs, dst
+    # the op dispatches to the same kernel: check nothing is lost on the way
+    x = torch.randn(16384, 5120, device="cuda", dtype=torch.bfloat16)
+    t_op, t_kernel = _time(lambda: ops.quantize_rebase(x)), _time(lambda: triton_quantize.quantize_rebase_rows(x))
+    print(f"op vs kernel (16384 x 5120): {t_op:.3f} vs {t_kernel:.3f} ms", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "cast": rows}, f, indent=1)

@@ -2,9 +2,8 @@
 
 Same run, same shapes, same inputs: router, top-1 routing, SiLU-gated experts through
 ``torch._grouped_mm``, no shared expert. Timed with ``triton.testing.do_bench`` (median) over
-rotating inputs after warm-up. Also times the forward grouped GEMM alone: bf16
-``torch._grouped_mm`` against FP8 rowwise ``torch._scaled_grouped_mm`` on rebased operands,
-without and with the preparation (quantize + rebase through the ``mxfp8::`` ops).
+rotating inputs after warm-up; compile times with Inductor's caches off. The GEMMs alone are in
+bench_gemms.py, where the time goes in profile_moe_layer.py.
 
     python benchmarks/bench_moe_layer.py --shapes deepseek_v3 llama4_scout --tokens 16384
 
@@ -26,7 +25,6 @@ import triton
 from triton.testing import do_bench
 
 import mxfp8_compile
-from mxfp8_compile import ops
 from mxfp8_compile.examples.moe import MoE, MoEConfig
 from mxfp8_compile.numerics import sqnr
 
@@ -97,38 +95,6 @@ def moe_layer(shape: str, tokens: int, experts: int) -> dict:
     }
 
 
-def grouped_gemm(shape: str, tokens: int, experts: int) -> dict:
-    k, n = SHAPES[shape]["dim"], SHAPES[shape]["expert_hidden"]
-    offs = torch.arange(1, experts + 1, device="cuda", dtype=torch.int32) * (tokens // experts)
-    xs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in range(ROTATING)]
-    w = torch.randn(experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    i = {"i": 0}
-
-    def nxt() -> torch.Tensor:
-        i["i"] = (i["i"] + 1) % ROTATING
-        return xs[i["i"]]
-
-    def prepared(x: torch.Tensor):  # what the sm90 path runs: one fused cast kernel per operand
-        ra, rsa = ops.quantize_rebase(x)
-        rbt, rsb = ops.quantize_rebase(w)
-        return ra, rsa, rbt.mT, rsb
-
-    operands = prepared(xs[0])
-    flops = 2 * tokens * k * n
-    t_bf16 = do_bench(lambda: torch._grouped_mm(nxt(), w.mT, offs=offs), return_mode="median")
-    t_gemm = do_bench(lambda: ops.scaled_grouped_mm_rowwise(*operands, offs, torch.bfloat16, False), return_mode="median")
-    t_fast = do_bench(lambda: ops.scaled_grouped_mm_rowwise(*operands, offs, torch.bfloat16, True), return_mode="median")
-    t_prep = do_bench(lambda: ops.scaled_grouped_mm_rowwise(*prepared(nxt()), offs, torch.bfloat16, False),
-                      return_mode="median")
-    return {
-        "shape": shape, "tokens": tokens, "experts": experts, "K": k, "N": n,
-        "ms_bf16": t_bf16, "ms_fp8_rowwise": t_gemm, "ms_fp8_rowwise_fast_accum": t_fast,
-        "ms_with_preparation": t_prep,
-        "tflops_bf16": flops / t_bf16 / 1e9, "tflops_fp8_rowwise": flops / t_gemm / 1e9,
-        "speedup_gemm_only": t_bf16 / t_gemm, "speedup_with_preparation": t_bf16 / t_prep,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -143,15 +109,9 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
     }
     print(meta, flush=True)
-    results = {"meta": meta, "gemm": [], "layer": []}
+    results = {"meta": meta, "layer": []}
     for shape in args.shapes:
         for tokens in args.tokens:
-            g = grouped_gemm(shape, tokens, args.experts)
-            results["gemm"].append(g)
-            print(f"GEMM  {shape:13s} M={tokens:6d} bf16 {g['ms_bf16']:.3f} ms ({g['tflops_bf16']:.0f} TFLOPS) | "
-                  f"fp8 rowwise {g['ms_fp8_rowwise']:.3f} ms ({g['tflops_fp8_rowwise']:.0f}), fast accum "
-                  f"{g['ms_fp8_rowwise_fast_accum']:.3f} | with preparation {g['ms_with_preparation']:.3f} ms: "
-                  f"{g['speedup_gemm_only']:.2f}x GEMM only, {g['speedup_with_preparation']:.2f}x with prep", flush=True)
             r = moe_layer(shape, tokens, args.experts)
             results["layer"].append(r)
             print(f"LAYER {shape:13s} tokens={tokens:6d} target {r['target']}: bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, "

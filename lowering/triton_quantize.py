@@ -18,20 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from mxfp8_compile.numerics import BLOCK_SIZE, ScaleMode, check_block_dim, check_high_precision
+from mxfp8_compile import numerics
+from mxfp8_compile.numerics import (
+    BLOCK_SIZE,
+    ScaleMode,
+    check_block_dim,
+    check_high_precision,
+    check_offsets,
+    padded_rows_bound,
+)
 
 # The interpreter's float8 cast does not round to nearest-even: exact integer rounding there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _block_scales(x, BLOCK_R: tl.constexpr, NUM_BLOCKS: tl.constexpr, RCEIL: tl.constexpr):
-    """E8M0 bytes (int32, BLOCK_R x NUM_BLOCKS) of x's 32-wide blocks: numerics.e8m0_rceil of
-    amax * fp32(1/448), or numerics.e8m0_floor of amax; 255 for blocks with NaN or Inf."""
-    blocks = tl.reshape(x, (BLOCK_R, NUM_BLOCKS, 32))
-    amax = tl.max(tl.abs(blocks), axis=2)
-    # tl.max may drop NaN (triton#11111): look for it separately.
-    has_nan = tl.max((blocks != blocks).to(tl.int32), axis=2) > 0
+def _e8m0(amax, has_nan, RCEIL: tl.constexpr):
+    """E8M0 bytes (int32) of blocks with fp32 absolute maximum ``amax``: numerics.e8m0_rceil of
+    amax * fp32(1/448), or numerics.e8m0_floor of amax; 255 where ``has_nan`` or amax is Inf.
+    Monotonic in amax, so the largest scale of several blocks is the scale of their amax."""
     if RCEIL:
         bits = (amax * 0.002232142857142857).to(tl.int32, bitcast=True)
         exponent = (bits >> 23) & 0xFF
@@ -44,6 +49,19 @@ def _block_scales(x, BLOCK_R: tl.constexpr, NUM_BLOCKS: tl.constexpr, RCEIL: tl.
         byte = tl.minimum(tl.maximum(exponent - 127 - 8, -127), 128) + 127
     finite = exponent != 0xFF
     return tl.where(finite & ~has_nan, byte, 255)
+
+
+@triton.jit
+def _abs_max(x, axis: tl.constexpr):
+    """``(max |x|, any NaN)`` along ``axis``; tl.max may drop NaN (triton#11111)."""
+    return tl.max(tl.abs(x), axis=axis), tl.max((x != x).to(tl.int32), axis=axis) > 0
+
+
+@triton.jit
+def _block_scales(x, BLOCK_R: tl.constexpr, NUM_BLOCKS: tl.constexpr, RCEIL: tl.constexpr):
+    """E8M0 bytes (int32, BLOCK_R x NUM_BLOCKS) of the 32-wide blocks along x's rows."""
+    amax, has_nan = _abs_max(tl.reshape(x, (BLOCK_R, NUM_BLOCKS, 32)), 2)
+    return _e8m0(amax, has_nan, RCEIL)
 
 
 @triton.jit
@@ -89,61 +107,109 @@ def _pow2(e):
 
 
 @triton.jit
+def _quantize_shifted(x, scale, target, HW_CAST: tl.constexpr):
+    """e4m3 bytes (uint8) of ``x`` (fp32) quantized with its block scale bytes ``scale``, then
+    shifted to the scale ``target`` >= scale: ``numerics.to_mx`` then ``_shift_to``. ``scale``
+    and ``target`` broadcast against x (int32 bytes)."""
+    # 1/scale = 2**(127 - scale), NaN for byte 255; byte 254 needs 2**-127, below _pow2's range
+    reciprocal = tl.where(scale == 255, float("nan"), _pow2(127 - scale))
+    reciprocal = tl.where(scale == 254, 2.0**-127, reciprocal)
+    scaled = x * reciprocal
+    shift = _pow2(scale - target)
+    if HW_CAST:  # cvt.rn.satfinite: nearest-even, saturating, NaN kept (the GPU tests check)
+        scaled = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -448.0), 448.0))
+        return (scaled.to(tl.float8e4nv).to(tl.float32) * shift).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return _e4m3_bits(_round_e4m3(_round_e4m3(scaled) * shift))
+
+
+@triton.jit
+def _row_scales(x, RCEIL: tl.constexpr):
+    """The largest block scale of each row of x (BLOCK_R, K): the scale of the row's amax."""
+    amax, has_nan = _abs_max(x.to(tl.float32), 1)
+    return _e8m0(amax, has_nan, RCEIL)
+
+
+@triton.jit
+def _quantize_rebase_tile(x, row_scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          RCEIL: tl.constexpr, HW_CAST: tl.constexpr):
+    """e4m3 bytes (BLOCK_R, BLOCK_K) of x's 32-wide blocks, each quantized with its own scale
+    and shifted to its row's ``row_scale`` (BLOCK_R,)."""
+    NUM_BLOCKS: tl.constexpr = BLOCK_K // 32
+    blocks = tl.reshape(x.to(tl.float32), (BLOCK_R, NUM_BLOCKS, 32))
+    amax, has_nan = _abs_max(blocks, 2)
+    scale = _e8m0(amax, has_nan, RCEIL)  # (BLOCK_R, NUM_BLOCKS)
+    q = _quantize_shifted(blocks, scale[:, :, None], row_scale[:, None, None], HW_CAST)
+    return tl.reshape(q, (BLOCK_R, BLOCK_K))
+
+
+@triton.jit
 def _quantize_rebase_rows_kernel(
     x_ptr, out_ptr, scale_ptr,  # x (B, R, K) any strides; out (B, R, K) e4m3 bytes (u8) contiguous; scale (B, R) u8
     R, K,
     stride_xb, stride_xr, stride_xk,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    NUM_BLOCKS: tl.constexpr = BLOCK_K // 32
+    """Program (r, b) owns rows [r*BLOCK_R, +BLOCK_R) of batch b. A row that fits one tile
+    (K <= BLOCK_K) is read once; a longer one in two sweeps (scales, then data)."""
     batch = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     x_rows = x_ptr + batch * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
-
-    # --- sweep 1: the row's largest block scale
-    row_scale = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (cols < K)[None, :]
-        x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        row_scale = tl.maximum(row_scale, tl.max(_block_scales(x, BLOCK_R, NUM_BLOCKS, RCEIL), axis=1))
-
-    # --- sweep 2: quantize each block with its scale, shift it to the row's, store
     out_rows = out_ptr + (batch * R + rows.to(tl.int64))[:, None] * K
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    if K <= BLOCK_K:
+        cols = tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
-        x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        scale = _block_scales(x, BLOCK_R, NUM_BLOCKS, RCEIL)  # (BLOCK_R, NUM_BLOCKS)
-        # 1/scale = 2**(127 - scale), NaN for byte 255
-        reciprocal = tl.where(scale == 255, float("nan"), _pow2(127 - scale))
-        reciprocal = tl.where(scale == 254, 2.0**-127, reciprocal)
-        scaled = tl.reshape(x, (BLOCK_R, NUM_BLOCKS, 32)) * reciprocal[:, :, None]
-        shift = _pow2(scale - row_scale[:, None])[:, :, None]
-        if HW_CAST:  # cvt.rn.satfinite: nearest-even, saturating, NaN kept (the GPU tests check)
-            scaled = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -448.0), 448.0))
-            shifted = (scaled.to(tl.float8e4nv).to(tl.float32) * shift).to(tl.float8e4nv)
-            out = tl.reshape(shifted, (BLOCK_R, BLOCK_K)).to(tl.uint8, bitcast=True)
-        else:
-            shifted = _round_e4m3(_round_e4m3(scaled) * shift)
-            out = _e4m3_bits(tl.reshape(shifted, (BLOCK_R, BLOCK_K)))
-        tl.store(out_rows + cols.to(tl.int64)[None, :], out, mask=mask)
+        x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
+        row_scale = _row_scales(x, RCEIL)
+        tl.store(out_rows + cols[None, :], _quantize_rebase_tile(x, row_scale, BLOCK_R, BLOCK_K, RCEIL, HW_CAST),
+                 mask=mask)
+    else:
+        row_amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+        row_nan = tl.zeros([BLOCK_R], dtype=tl.int1)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (cols < K)[None, :]
+            x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            amax, has_nan = _abs_max(x, 1)
+            row_amax, row_nan = tl.maximum(row_amax, amax), row_nan | has_nan
+        row_scale = _e8m0(row_amax, row_nan, RCEIL)
+        for k0 in range(0, K, BLOCK_K):  # the second read comes mostly from L2
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (cols < K)[None, :]
+            x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
+            tl.store(out_rows + cols.to(tl.int64)[None, :],
+                     _quantize_rebase_tile(x, row_scale, BLOCK_R, BLOCK_K, RCEIL, HW_CAST), mask=mask)
     tl.store(scale_ptr + batch * R + rows, row_scale.to(tl.uint8), mask=row_mask)
 
 
+# Rows up to this long are read once (held in registers); longer ones in two sweeps.
+MAX_ONE_READ_K = 8192
+
+
+def row_tile(k: int) -> tuple[int, int, int]:
+    """Default ``(BLOCK_R, BLOCK_K, num_warps)`` of the row kernel for rows of length k."""
+    block_k = max(triton.next_power_of_2(k), BLOCK_SIZE)
+    if block_k <= MAX_ONE_READ_K:
+        return 1, block_k, max(4, min(16, block_k // 512))
+    return 1, 2048, 4
+
+
 def quantize_rebase_rows(
-    x: torch.Tensor, mode: str = "rceil", *, block_r: int = 1, block_k: int = 2048, num_warps: int = 4
+    x: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``numerics.rebase_rowwise(*numerics.to_mx(x, mode=mode))`` in one CUDA kernel.
 
     Input: ``x`` (..., K) bf16/fp16/fp32 on CUDA, any strides (2D and 3D views are read in
     place), K a multiple of 32. Output: ``(rebased (..., K) e4m3 contiguous, row scales (...) u8)``.
-    The default tile (one row a program, 2048-wide chunks) was the fastest of a sweep on an H100
-    (benchmarks/RESULTS.md).
+    ``tile``: ``(BLOCK_R, BLOCK_K, num_warps)``, by default ``row_tile(K)``: one row a program,
+    the whole row in one tile up to ``MAX_ONE_READ_K`` (benchmarks/RESULTS.md). A transposed view (``x.mT`` contiguous: a weight cast along its
+    other dim) goes to the column kernel instead, one row group per batch, so that its loads
+    run along the contiguous dim.
     """
     check_high_precision("x", x)
     check_block_dim("x", x, -1)
+    if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) != 1 and x.numel() > 0:
+        return _quantize_rebase_transposed(x, mode)
     rceil = ScaleMode.parse(mode) is ScaleMode.RCEIL
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
@@ -156,10 +222,170 @@ def quantize_rebase_rows(
     batches, rows, k = x3.shape
     if x3.numel() == 0:
         return out, scales
-    block_k = max(min(block_k, triton.next_power_of_2(k)), BLOCK_SIZE)
+    block_r, block_k, num_warps = tile or row_tile(k)
     grid = (triton.cdiv(rows, block_r), batches)
     _quantize_rebase_rows_kernel[grid](
         x3, out.view(torch.uint8), scales, rows, k, x3.stride(0), x3.stride(1), x3.stride(2),
         BLOCK_R=block_r, BLOCK_K=block_k, RCEIL=rceil, HW_CAST=not _INTERPRETED, num_warps=num_warps,
     )
     return out, scales
+
+
+@triton.jit
+def _group_layout(offs_ptr, group, G, Mp, BLOCK_G: tl.constexpr):
+    """Where row group ``group`` lies before and after padding each group to a multiple of 32
+    rows: ``(start, size, padded_start, padded_size, padded_ends (BLOCK_G,))``. Group G is the
+    tail: no rows of x, padded rows from the end of the last group up to Mp."""
+    g = tl.arange(0, BLOCK_G)
+    ends = tl.load(offs_ptr + g, mask=g < G, other=0)
+    starts = tl.load(offs_ptr + g - 1, mask=(g > 0) & (g < G), other=0)
+    sizes = ends - starts
+    padded_sizes = (sizes + 31) // 32 * 32
+    padded_ends = tl.cumsum(padded_sizes, axis=0)
+    mine = g == group
+    padded_start = tl.where(group == G, tl.sum(padded_sizes), tl.sum(tl.where(mine, padded_ends - padded_sizes, 0)))
+    padded_size = tl.where(group == G, Mp - padded_start, tl.sum(tl.where(mine, padded_sizes, 0)))
+    return tl.sum(tl.where(mine, starts, 0)), tl.sum(tl.where(mine, sizes, 0)), padded_start, padded_size, padded_ends
+
+
+# NaN in an amax buffer of fp32 bit patterns: above +Inf, so atomic_max keeps it
+_NAN_BITS = tl.constexpr(0x7FC00000)
+
+
+@triton.jit
+def _column_amax_kernel(
+    x_ptr, offs_ptr, amax_ptr,  # x (M, K) any strides; offs (G,) int32; amax (G, K) int32 fp32 bits, zeroed
+    K, G,
+    stride_xm, stride_xk,
+    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (k, g, c): the amax of columns [k*BLOCK_K, +BLOCK_K) over rows chunk c of group g,
+    folded into the group's amax with an atomic max (NaN as a bit pattern above Inf)."""
+    group, chunk = tl.program_id(1), tl.program_id(2)
+    start, size, _, _, _ = _group_layout(offs_ptr, group, G, 0, BLOCK_G)
+    if chunk * BLOCK_M < size:
+        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < size)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
+                    mask=mask, other=0.0)
+        amax, has_nan = _abs_max(x.to(tl.float32), 0)
+        bits = tl.where(has_nan, _NAN_BITS, amax.to(tl.int32, bitcast=True))
+        tl.atomic_max(amax_ptr + group.to(tl.int64) * K + cols, bits, mask=cols < K)
+
+
+@triton.jit
+def _quantize_rebase_columns_kernel(
+    x_ptr, offs_ptr, amax_ptr,  # as _column_amax_kernel, amax complete
+    out_ptr, scale_ptr, padded_offs_ptr,  # out: see stride_out_*; scale (G, K) u8; padded offs (G,) int32
+    K, Mp, G,
+    stride_xm, stride_xk, stride_out_group, stride_out_col,
+    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    """Program (k, g, c): padded rows chunk c of group g, columns [k*BLOCK_K, +BLOCK_K): quantize
+    each 32-row block, shift it to the group's column scale, write element (padded row p, column
+    k) transposed at ``p_start * stride_out_group + k * stride_out_col + (p - p_start)``, where
+    ``p_start`` is the group's first padded row. Rows past a group's own are its zero padding;
+    group G zero-fills the rows past the last group."""
+    group, chunk = tl.program_id(1), tl.program_id(2)
+    start, size, padded_start, padded_size, padded_ends = _group_layout(offs_ptr, group, G, Mp, BLOCK_G)
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    if (tl.program_id(0) == 0) & (group == 0) & (chunk == 0):
+        g = tl.arange(0, BLOCK_G)
+        tl.store(padded_offs_ptr + g, padded_ends, mask=g < G)
+    active = chunk * BLOCK_M < padded_size
+    if active | (chunk == 0):  # chunk 0 also writes the group's scales, empty groups' included
+        bits = tl.zeros([BLOCK_K], dtype=tl.int32)  # the tail has no rows: scale 0
+        if group < G:
+            bits = tl.load(amax_ptr + group.to(tl.int64) * K + cols, mask=col_mask, other=0)
+        group_scale = _e8m0(bits.to(tl.float32, bitcast=True), bits > 0x7F800000, RCEIL)
+        if (chunk == 0) & (group < G):
+            tl.store(scale_ptr + group.to(tl.int64) * K + cols, group_scale.to(tl.uint8), mask=col_mask)
+        if active:
+            rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (rows < size)[:, None] & col_mask[None, :]
+            x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
+                        mask=mask, other=0.0)
+            NUM_BLOCKS: tl.constexpr = BLOCK_M // 32
+            blocks = tl.reshape(x.to(tl.float32), (NUM_BLOCKS, 32, BLOCK_K))
+            amax, has_nan = _abs_max(blocks, 1)
+            scale = _e8m0(amax, has_nan, RCEIL)  # (NUM_BLOCKS, BLOCK_K)
+            q = _quantize_shifted(blocks, scale[:, None, :], group_scale[None, None, :], HW_CAST)
+            out = tl.trans(tl.reshape(q, (BLOCK_M, BLOCK_K)))
+            out_cols = out_ptr + padded_start.to(tl.int64) * stride_out_group + cols.to(tl.int64)[:, None] * stride_out_col
+            tl.store(out_cols + rows[None, :], out, mask=col_mask[:, None] & (rows < padded_size)[None, :])
+
+
+def _quantize_rebase_columns(
+    x: torch.Tensor, offs: torch.Tensor, mode: str, out: torch.Tensor, padded_rows: int,
+    stride_out_group: int, stride_out_col: int, tile: tuple[int, int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the columns of x (M, K) in 32-row blocks within the row groups ending at
+    ``offs``, each group padded to a multiple of 32 rows, rebased to one scale per (group,
+    column); write ``padded_rows`` rows (zero past the last group) into ``out`` (e4m3),
+    transposed as ``_quantize_rebase_columns_kernel`` says. Returns ``(group scales (G, K) u8,
+    padded offs (G,) int32)``.
+
+    Two kernels, each parallel over (column tiles, groups, row chunks), so that one large group
+    (skewed routing) still spreads over the GPU: the group amax per column, then the cast.
+    """
+    k = x.shape[1]
+    groups = offs.shape[0]
+    scales = torch.empty(groups, k, dtype=torch.uint8, device=x.device)
+    padded_offs = torch.empty(groups, dtype=torch.int32, device=x.device)
+    if k == 0:
+        return scales, padded_offs.copy_(numerics.padded_group_offsets(offs))
+    block_m, block_k, num_warps = tile or (128, 64, 4)
+    block_k = max(min(block_k, triton.next_power_of_2(k)), 16)
+    amax = torch.zeros(groups, k, dtype=torch.int32, device=x.device)
+    # a group holds at most all rows, or all padded rows for the tail
+    chunks = triton.cdiv(max(x.shape[0], padded_rows, 1), block_m)
+    block_g = triton.next_power_of_2(groups + 1)
+    if groups:
+        _column_amax_kernel[(triton.cdiv(k, block_k), groups, chunks)](
+            x, offs, amax, k, groups, x.stride(0), x.stride(1),
+            BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    _quantize_rebase_columns_kernel[(triton.cdiv(k, block_k), groups + 1, chunks)](
+        x, offs, amax, out.view(torch.uint8), scales, padded_offs, k, padded_rows, groups,
+        x.stride(0), x.stride(1), stride_out_group, stride_out_col,
+        BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k,
+        RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL, HW_CAST=not _INTERPRETED, num_warps=num_warps,
+    )
+    return scales, padded_offs
+
+
+def quantize_rebase_token_groups(
+    x: torch.Tensor, offs: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``numerics.rebase_token_groups(*numerics.to_mx_token_groups(x, offs))`` in one CUDA
+    kernel, with the data written transposed.
+
+    Input: ``x`` (M, K) bf16/fp16/fp32 on CUDA, any strides; ``offs`` (G,) int32 group end
+    offsets. Output: ``(rebased (K, Mp) e4m3 contiguous, group_scales (G, K) u8, padded_offs (G,)
+    int32)`` with ``Mp = padded_rows_bound(M, G, 32)``: the (Mp, K) result of numerics,
+    transposed, so that tokens are contiguous as the wgrad's FP8 GEMM takes both operands.
+    ``tile``: ``(BLOCK_M, BLOCK_K, num_warps)``, by default the fastest of a sweep on an H100.
+    """
+    check_high_precision("x", x)
+    check_offsets("offs", offs)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    mp = padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
+    out = torch.empty(x.shape[1], mp, dtype=torch.float8_e4m3fn, device=x.device)
+    return out, *_quantize_rebase_columns(x, offs, mode, out, mp, 1, mp, tile)
+
+
+def _quantize_rebase_transposed(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rebase_rows`` of x (..., R, K) whose transpose (..., K, R) is row-major: the
+    column kernel on that transpose flattened to (B*K, R), one row group of K rows per batch
+    (K is a multiple of 32: no padding), writing batch b at ``b * R * K``."""
+    *batch, rows, k = x.shape
+    storage = x.mT.reshape(-1, rows)  # (B*K, R), a view unless the batch dims do not flatten
+    batches = storage.shape[0] // k
+    offs = torch.arange(k, k * batches + 1, k, device=x.device, dtype=torch.int32)
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales, _ = _quantize_rebase_columns(storage, offs, mode, out, k * batches, rows, k, None)
+    return out, scales.reshape(*batch, rows)

@@ -23,6 +23,7 @@ def inputs(device: str, large: bool) -> list[torch.Tensor]:
         torch.cat([c.tensor() for c in CASES if c.dtype == torch.bfloat16]),
         torch.randn(5, 96, generator=g).bfloat16(),
         wide(7, 160),
+        wide(3, 8192 + 96).bfloat16(),  # longer than one tile: two sweeps
         wide(3, 64, 40).transpose(-2, -1),  # a weight's transposed view, read in place
         torch.empty(0, 64),
     ]
@@ -35,22 +36,54 @@ def inputs(device: str, large: bool) -> list[torch.Tensor]:
     return [c.to(device) for c in cases]
 
 
+def token_group_inputs(device: str, large: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, offs) pairs: ragged, empty and 1-token groups, tokens past the last group, strided x."""
+    g = torch.Generator().manual_seed(1)
+    special = torch.cat([c.tensor().float() for c in CASES])  # (n*32,) special values per block
+    cases = [
+        (torch.randn(200, 96, generator=g).bfloat16(), [0, 1, 33, 33, 64, 150]),
+        (torch.randn(96, 40, generator=g).t() * 1e-30, [0, 31, 32, 40]),  # (40, 96) view, fp32 subnormal
+        (special.reshape(-1, 32).t().contiguous(), [7, special.numel() // 32]),
+        (torch.randn(64, 64, generator=g).bfloat16(), []),
+        (torch.randn(0, 32, generator=g), [0, 0]),
+    ]
+    if large:
+        cases += [
+            (torch.randn(16384, 7168, generator=g).bfloat16(), torch.linspace(0, 16384, 9)[1:].int().tolist()),
+            (torch.randn(8191, 2048, generator=g).bfloat16(), [7000, 7001, 7100, 8191]),  # skewed
+        ]
+    return [(x.to(device), torch.tensor(offs, dtype=torch.int32, device=device)) for x, offs in cases]
+
+
+def _byte_mismatch(what: str, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    got, want = got.cpu().view(torch.uint8), want.view(torch.uint8)
+    if torch.equal(got, want):
+        return None
+    bad = (got != want).nonzero()[:3].tolist()
+    examples = [f"{got[tuple(i)].item():#x} vs {want[tuple(i)].item():#x}" for i in bad]
+    return f"{what} {tuple(x.shape)} {x.dtype}: {int((got != want).sum())} bytes differ at {bad}: {examples}"
+
+
 def mismatches(device: str, large: bool = False) -> list[str]:
-    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_rows
+    """Every difference between the Triton kernels and numerics, as readable lines."""
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_rows, quantize_rebase_token_groups
 
     failures = []
-    for x in inputs(device, large):
-        for mode in ("rceil", "floor"):
+    for mode in ("rceil", "floor"):
+        for x in inputs(device, large):
             q, s = quantize_rebase_rows(x, mode)
             rq, rs = numerics.rebase_rowwise(*numerics.to_mx(x.cpu(), mode=mode), dim=-1)
-            got, want = q.cpu().view(torch.uint8), rq.view(torch.uint8)
-            if not (torch.equal(got, want) and torch.equal(s.cpu(), rs)):
-                bad = (got != want).nonzero()[:3].tolist()
-                xc = x.cpu().float()
-                examples = [f"{xc[tuple(i)].item():.6g}: {got[tuple(i)].item():#x} vs {want[tuple(i)].item():#x}" for i in bad]
-                failures.append(f"{tuple(x.shape)} {x.dtype} {mode}: {int((got != want).sum())} bytes differ, "
-                                f"scales {'equal' if torch.equal(s.cpu(), rs) else 'differ'}; {examples}")
-    return failures
+            failures += [_byte_mismatch(f"rows {mode} data", x, q, rq), _byte_mismatch(f"rows {mode} scales", x, s, rs)]
+        for x, offs in token_group_inputs(device, large):
+            q, s, po = quantize_rebase_token_groups(x, offs, mode)
+            rq, rs, rpo = numerics.to_mx_token_groups(x.cpu(), offs.cpu(), mode=mode)
+            rq, rs = numerics.rebase_token_groups(rq, rs, rpo)
+            failures += [
+                _byte_mismatch(f"token groups {offs.tolist()} {mode} data", x, q, rq.t()),
+                _byte_mismatch(f"token groups {offs.tolist()} {mode} scales", x, s, rs),
+                _byte_mismatch(f"token groups {offs.tolist()} {mode} padded offsets", x, po, rpo),
+            ]
+    return [f for f in failures if f]
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -472,6 +473,32 @@ def to_blocked_k_groups(scales: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     )
     out = _scatter_with_sink(scales, flat, in_group[None, :], padded_rows * out_cols)
     return out.view(padded_rows, out_cols)
+
+
+def undo_layout(
+    layout: Callable[[torch.Tensor], torch.Tensor], blocked: torch.Tensor, shape: Sequence[int]
+) -> torch.Tensor:
+    """Inverse of a scale layout: the scales of ``shape`` that ``layout`` turned into ``blocked``.
+
+    ``layout`` is ``to_blocked`` or ``to_blocked_m_groups`` / ``to_blocked_k_groups`` with their
+    offsets bound (``functools.partial``); each moves every scale to a byte of its own and fills
+    the rest with padding. Pushing the indices 1..n through the same ``layout`` therefore says
+    where each scale went (padding reads index 0, a sink that is dropped), so the inverse is
+    exact by construction and follows any change of the forward layout. Scales the layout
+    drops (rows or token blocks past the last group) come back as byte 0.
+    Output: ``shape``, ``blocked``'s dtype, contiguous.
+    """
+    count = math.prod(shape)
+    index = torch.arange(1, count + 1, device=blocked.device).view(tuple(shape))
+    slots = layout(index).flatten()
+    if slots.numel() != blocked.numel():
+        raise ValueError(
+            f"blocked scales of shape {tuple(blocked.shape)} cannot hold {tuple(shape)} scales: "
+            f"their layout has {slots.numel()} bytes"
+        )
+    out = blocked.new_zeros(count + 1)
+    out[slots] = blocked.flatten()
+    return out[1:].view(tuple(shape))
 
 
 # --------------------------------------------------------------------------------------------

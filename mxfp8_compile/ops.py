@@ -19,9 +19,14 @@ to_blocked_k_groups        scales (R, Mp/32), padded offs -> per-group blocked s
 rebase_rowwise             (qdata, scales, dim) -> (rebased e4m3, one u8 scale per row)  (SM90)
 quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Triton on CUDA)
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
+quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
+                           data transposed (K, Mp) (Triton on CUDA)
 scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
                            2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
 scaled_mm                  MX (M,K) x (K,N) -> (M,N) out_dtype
+scaled_grouped_mm_blocked  as scaled_grouped_mm, scales in the blocked layouts above (SM100:
+                           torch._scaled_grouped_mm; emulated elsewhere)
+scaled_mm_blocked          as scaled_mm, scales to_blocked (SM100: torch._scaled_mm)
 =========================  ========================================================================
 
 The rearrange step of the emulated target is the identity: it consumes MX scales as they are, so
@@ -29,6 +34,8 @@ the passes insert no node for it (a custom op cannot return its input without a 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -74,14 +81,19 @@ def quantize_token_groups(
     return numerics.to_mx_token_groups(x, offs, mode=mode)
 
 
-@quantize_token_groups.register_fake
-def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+def _padded_token_rows(x: Tensor, offs: Tensor, mode: str) -> int:
+    """Check the arguments of a token-group quantization; Mp, the rows after padding."""
     numerics.check_high_precision("x", x)
     numerics.check_offsets("offs", offs)
     numerics.ScaleMode.parse(mode)
     if x.dim() != 2:
         raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
-    rows = padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
+    return padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
+
+
+@quantize_token_groups.register_fake
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    rows = _padded_token_rows(x, offs, mode)
     return (
         x.new_empty(rows, x.shape[1], dtype=_E4M3),
         x.new_empty(rows // BLOCK_SIZE, x.shape[1], dtype=_U8),
@@ -211,6 +223,36 @@ def _(qdata: Tensor, scales: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
     numerics.check_qdata("qdata", qdata, scales, 0)
     numerics.check_offsets("offs", offs)
     return qdata.new_empty(qdata.shape), scales.new_empty(offs.shape[0], scales.shape[1])
+
+
+@torch.library.custom_op("mxfp8::quantize_rebase_token_groups", mutates_args=())
+def quantize_rebase_token_groups(
+    x: Tensor, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_token_groups`` then ``rebase_token_groups``, the data transposed: x (M, K) ->
+    (rebased (K, Mp) e4m3 contiguous, group scales (G, K) u8, padded offs (G,) int32).
+    Tokens come out contiguous, the layout the wgrad's FP8 GEMM takes for both operands.
+    One Triton kernel on CUDA."""
+    qdata, scales, padded_offs = numerics.to_mx_token_groups(x, offs, mode=mode)
+    rebased, group_scales = numerics.rebase_token_groups(qdata, scales, padded_offs)
+    return rebased.t().contiguous(), group_scales, padded_offs
+
+
+@quantize_rebase_token_groups.register_kernel("cuda")
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_token_groups as kernel
+
+    return kernel(x, offs, mode)
+
+
+@quantize_rebase_token_groups.register_fake
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    rows = _padded_token_rows(x, offs, mode)
+    return (
+        x.new_empty(x.shape[1], rows, dtype=_E4M3),
+        x.new_empty(offs.shape[0], x.shape[1], dtype=_U8),
+        offs.new_empty(offs.shape),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,3 +462,198 @@ def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fa
 def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
     _check_rowwise(qa, sa, qb, sb, None)
     return qa.new_empty(qa.shape[0], qb.shape[1], dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# SM100: torch's MX GEMMs, scales in the blocked layout. No SM100 device was at hand: the CUDA
+# kernels are checked against torch's meta functions on fake tensors (tests/test_sm100.py), and
+# the emulation below is what runs everywhere else.
+# --------------------------------------------------------------------------------------------
+
+_E8M0 = torch.float8_e8m0fnu
+_BLOCKED_OPS = (
+    "blocked scales come from mxfp8.to_blocked (dense A and B; B (E, N, K/32) of 2Dx3D), "
+    "mxfp8.to_blocked_m_groups (A of 2Dx3D) or mxfp8.to_blocked_k_groups (both 2Dx2D operands, "
+    "scales (rows, Mp/32))"
+)
+
+
+def _blocked_shapes(
+    qa: Tensor, qb: Tensor, groups: int | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the blocked scales of A (R, C) and B (.., C, N) contracting over C: what the
+    ``to_blocked*`` ops return for A's scales (R, C/32) and B's transposed scales (.., N, C/32)."""
+    blocks = qa.shape[1] // BLOCK_SIZE
+    rows_a, rows_b = qa.shape[0], qb.shape[-1]
+    if groups is None:  # dense
+        return numerics.blocked_shape(rows_a, blocks), numerics.blocked_shape(rows_b, blocks)
+    if qb.dim() == 3:  # 2Dx3D: A per token group, B per expert
+        cols = numerics.blocked_shape(1, blocks)[1]
+        rows = padded_rows_bound(rows_a, groups, numerics.BLOCKED_TILE_ROWS)
+        return (rows, cols), (qb.shape[0], *numerics.blocked_shape(rows_b, blocks))
+    cols = padded_rows_bound(blocks, groups, numerics.BLOCKED_TILE_COLS)  # 2Dx2D: per group
+    return (numerics.blocked_shape(rows_a, 1)[0], cols), (numerics.blocked_shape(rows_b, 1)[0], cols)
+
+
+def _check_blocked_gemm(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None, out_dtype: torch.dtype
+) -> None:
+    """Check the operands of ``scaled_grouped_mm_blocked`` (``offs`` given) or
+    ``scaled_mm_blocked``: e4m3 data, contraction a multiple of 32, uint8 scales of exactly the
+    blocked shapes (a superset of what torch's kernels check: they cannot see group sizes)."""
+    for name, q in (("A", qa), ("B", qb)):
+        if q.dtype != _E4M3:
+            raise TypeError(f"{name} data must be float8_e4m3fn, got {q.dtype}")
+    b_dims = (2,) if offs is None else (2, 3)
+    if qa.dim() != 2 or qb.dim() not in b_dims:
+        raise ValueError(
+            f"A must be 2D and B {' or '.join(map(str, b_dims))}D, got shapes {tuple(qa.shape)} "
+            f"and {tuple(qb.shape)}"
+        )
+    numerics.check_block_dim("A data", qa, -1)
+    if qa.shape[1] != qb.shape[-2]:
+        raise ValueError(f"contraction dims differ: A {tuple(qa.shape)}, B {tuple(qb.shape)}")
+    if offs is not None:
+        numerics.check_offsets("offs", offs)
+        if qb.dim() == 3 and offs.shape[0] != qb.shape[0]:
+            raise ValueError(f"offs has {offs.shape[0]} groups, B {tuple(qb.shape)} has {qb.shape[0]} experts")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    expected = _blocked_shapes(qa, qb, None if offs is None else offs.shape[0])
+    for name, s, shape in (("A", sa, expected[0]), ("B", sb, expected[1])):
+        _check_scales(f"{name} blocked scales", s)
+        if tuple(s.shape) != shape:
+            raise ValueError(
+                f"{name} blocked scales have shape {tuple(s.shape)}, expected {shape} for A "
+                f"{tuple(qa.shape)} and B {tuple(qb.shape)}: {_BLOCKED_OPS}"
+            )
+
+
+def _unblocked_scales(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The MX scales the blocked ones hold, in ``numerics``' layout: A (R, C/32), B (.., C/32, N)."""
+    if offs is None:
+        layout_a = layout_b = numerics.to_blocked
+    elif qb.dim() == 3:
+        layout_a, layout_b = functools.partial(numerics.to_blocked_m_groups, offs=offs), numerics.to_blocked
+    else:
+        layout_a = layout_b = functools.partial(numerics.to_blocked_k_groups, offs=offs)
+    blocks = qa.shape[1] // BLOCK_SIZE
+    scales_a = numerics.undo_layout(layout_a, sa, (qa.shape[0], blocks))
+    scales_bt = numerics.undo_layout(layout_b, sb, (*qb.shape[:-2], qb.shape[-1], blocks))
+    return scales_a, scales_bt.transpose(-2, -1)
+
+
+def _require_mx_gemm_device(device: torch.device) -> None:
+    """Raise ``RuntimeError`` unless torch's MX GEMMs may be launched on ``device``.
+
+    Checked before every launch: below SM100, torch's MX grouped GEMM launches its SM100 kernel
+    anyway and the CUDA context dies (seen on an H100), so it must never be reached there.
+    """
+    from mxfp8_compile.lowering import targets
+
+    capability = targets.device_capability(device)
+    if not targets.has_mx_gemm(capability):
+        raise RuntimeError(
+            f"the MX GEMMs of target 'sm100' need an SM100 GPU (B200, GB200, B300: compute "
+            f"capability 10.x), but {device} has capability {capability}; torch's MX kernels "
+            f"would kill the CUDA context there. Compile with Config(target='auto') to get "
+            f"'sm90' or 'emulated' on this device."
+        )
+
+
+def _e8m0(blocked: Tensor) -> Tensor:
+    """Blocked uint8 scales as the contiguous ``float8_e8m0fnu`` tensor torch's MX GEMMs read."""
+    return (blocked if blocked.is_contiguous() else blocked.contiguous()).view(_E8M0)
+
+
+@torch.library.custom_op("mxfp8::scaled_grouped_mm_blocked", mutates_args=())
+def scaled_grouped_mm_blocked(
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """MX grouped GEMM with blocked scales (SM100's path): ``torch._scaled_grouped_mm`` on CUDA.
+
+    2Dx3D (forward, dgrad): ``qa`` (M, K) e4m3; ``sa_blocked`` = ``to_blocked_m_groups(sa,
+    offs)`` of A's scales (M, K/32), (padded_rows_bound(M, E, 128), round_up(K/32, 4)) u8;
+    ``qb`` (E, K, N) e4m3; ``sb_blocked`` = ``to_blocked(sbt)`` of B's scales as (E, N, K/32),
+    (E, round_up(N, 128), round_up(K/32, 4)) u8; ``offs`` (E,) int32 token end offsets of any
+    sizes, empty groups included (each group's scales start at a 128-row tile of their own, the
+    offsets torch's kernel (FBGEMM) computes, so no token padding is needed) -> (M, N).
+    2Dx2D (wgrad): ``qa`` (N, Mp), ``sa_blocked`` = ``to_blocked_k_groups(sa, offs)`` of its
+    scales (N, Mp/32); ``qb`` (Mp, K), ``sb_blocked`` = ``to_blocked_k_groups(sbt, offs)`` of
+    its scales as (K, Mp/32); ``offs`` (G,) end offsets along Mp, multiples of 32 as
+    ``quantize_token_groups`` returns them (torch's kernel asserts multiples of 16 and reads
+    size/32 scale columns) -> (G, N, K), zero for an empty group.
+    The product is rounded to bf16 (torch's MX grouped GEMM has no other output), then cast to
+    ``out_dtype``. Rows past ``offs[-1]`` (2Dx3D) are not computed. On CUDA, A is passed
+    row-major and B column-major (copied if not), scales viewed as ``float8_e8m0fnu``; it
+    refuses to launch below SM100. Elsewhere it is emulated exactly: the layouts undone,
+    ``scaled_grouped_mm`` with a bf16 output.
+    """
+    _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, offs, out_dtype)
+    sa, sb = _unblocked_scales(qa, sa_blocked, qb, sb_blocked, offs)
+    return scaled_grouped_mm(qa, sa, qb, sb, offs, torch.bfloat16).to(out_dtype)
+
+
+@scaled_grouped_mm_blocked.register_fake
+def _(
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, offs, out_dtype)
+    groups = () if qb.dim() == 3 else (offs.shape[0],)  # 2Dx3D: (M, N); 2Dx2D: (G, N, K)
+    return qa.new_empty(*groups, qa.shape[0], qb.shape[-1], dtype=out_dtype)
+
+
+@scaled_grouped_mm_blocked.register_kernel("cuda")
+def _scaled_grouped_mm_blocked_cuda(
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """The CUDA kernel of ``scaled_grouped_mm_blocked``: torch's MX grouped GEMM, SM100 only."""
+    _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, offs, out_dtype)
+    _require_mx_gemm_device(qa.device)
+    qa, qb = _fp8_gemm_layouts(qa, qb)
+    # torch takes the 3D B operand's scales as (E, blocked N * blocked K/32), one row per expert.
+    scale_b = sb_blocked.reshape(qb.shape[0], -1) if qb.dim() == 3 else sb_blocked
+    out = torch._scaled_grouped_mm(
+        qa, qb, _e8m0(sa_blocked), _e8m0(scale_b), offs=offs, out_dtype=torch.bfloat16
+    )
+    if qb.dim() == 2:
+        # FBGEMM skips empty groups and torch allocates the output uninitialized: zero them.
+        out = out.masked_fill((numerics.group_sizes(offs) == 0).view(-1, 1, 1), 0)
+    return out.to(out_dtype)
+
+
+@torch.library.custom_op("mxfp8::scaled_mm_blocked", mutates_args=())
+def scaled_mm_blocked(
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """Dense MX GEMM with blocked scales (SM100's path): ``torch._scaled_mm`` on CUDA.
+
+    ``qa`` (M, K) e4m3, ``sa_blocked`` = ``to_blocked`` of its scales (M, K/32):
+    (round_up(M, 128), round_up(K/32, 4)) u8; ``qb`` (K, N) e4m3, ``sb_blocked`` = ``to_blocked``
+    of its scales as (N, K/32): (round_up(N, 128), round_up(K/32, 4)) u8 -> (M, N), rounded to
+    bf16 then cast to ``out_dtype`` (as the grouped op). CUDA: as ``scaled_grouped_mm_blocked``.
+    Elsewhere emulated exactly: the layouts undone, ``scaled_mm`` with a bf16 output.
+    """
+    _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, None, out_dtype)
+    sa, sb = _unblocked_scales(qa, sa_blocked, qb, sb_blocked, None)
+    return scaled_mm(qa, sa, qb, sb, torch.bfloat16).to(out_dtype)
+
+
+@scaled_mm_blocked.register_fake
+def _(qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, out_dtype: torch.dtype) -> Tensor:
+    _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, None, out_dtype)
+    return qa.new_empty(qa.shape[0], qb.shape[1], dtype=out_dtype)
+
+
+@scaled_mm_blocked.register_kernel("cuda")
+def _scaled_mm_blocked_cuda(
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """The CUDA kernel of ``scaled_mm_blocked``: torch's MX ``_scaled_mm`` (cuBLAS), SM100 only."""
+    _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, None, out_dtype)
+    _require_mx_gemm_device(qa.device)
+    qa, qb = _fp8_gemm_layouts(qa, qb)
+    out = torch._scaled_mm(qa, qb, _e8m0(sa_blocked), _e8m0(sb_blocked), out_dtype=torch.bfloat16)
+    return out.to(out_dtype)

@@ -96,7 +96,7 @@ def test_graph_without_gemms_is_left_alone() -> None:
 
 @pytest.mark.parametrize(
     "target,message",
-    [("sm90", r"Config\(target='sm90'\) needs an SM90 GPU"), ("sm100", r"target 'sm100' is not implemented yet")],
+    [("sm90", r"Config\(target='sm90'\) needs an SM90 GPU"), ("sm100", r"Config\(target='sm100'\) needs an SM100 GPU")],
 )
 def test_a_target_this_device_cannot_run_is_a_clear_error(target: str, message: str) -> None:
     module, x = Experts(3, 64, 64), torch.randn(64, 64, dtype=BF16)

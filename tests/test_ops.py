@@ -52,12 +52,16 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.quantize_rebase, (w.transpose(-2, -1),), {"mode": "floor"}),
         (ops.rebase_rowwise, (qw, sw, -2), {}),
         (ops.rebase_token_groups, (qt, st, po), {}),
+        (ops.quantize_rebase_token_groups, (dy[:, :64].t(), offs[:2]), {"mode": "floor"}),
         (ops.scaled_grouped_mm, (q, s, qw, sw, offs, BF16), {}),
         (ops.scaled_grouped_mm, (qd.t(), sd.t(), qt, st, po, torch.float32), {}),
         (ops.scaled_mm, (q, s, qw[0], sw[0], BF16), {}),
         (ops.scaled_grouped_mm_rowwise, (*ops.rebase_rowwise(q, s, -1), qw, sw[:, 0], offs, BF16, False), {}),
         (ops.scaled_grouped_mm_rowwise, (qd.t(), sd[:8], qt, st[:8], po, BF16, True), {}),
         (ops.scaled_mm_rowwise, (*ops.rebase_rowwise(q, s, -1), qw[0], sw[0, 0], torch.float32, False), {}),
+        # more cases of the two below: tests/test_sm100.py
+        (ops.scaled_grouped_mm_blocked, (q, ops.to_blocked_m_groups(s, offs), qw, ops.to_blocked(sw.mT), offs, BF16), {}),
+        (ops.scaled_mm_blocked, (q, ops.to_blocked(s), qw[0], ops.to_blocked(sw[0].t()), BF16), {}),
     ]
 
 

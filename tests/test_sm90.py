@@ -80,7 +80,7 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     report = mxfp8_compile.last_report()
     assert report.target == "sm90" and len(report.converted()) == 30
     targets_in_graph = {str(n.target) for gm in graphs.values() for n in gm.graph.nodes}
-    assert {"mxfp8.quantize_rebase.default", "mxfp8.rebase_token_groups.default",
+    assert {"mxfp8.quantize_rebase.default", "mxfp8.quantize_rebase_token_groups.default",
             "mxfp8.scaled_grouped_mm_rowwise.default", "mxfp8.scaled_mm_rowwise.default"} <= targets_in_graph
     assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & targets_in_graph
     # the same bars as the emulated target (test_compile_moe), which the rebase barely moves
@@ -96,12 +96,12 @@ def test_target_choice() -> None:
     assert targets.select_target(Config(target="emulated"), cpu) == "emulated"
     with pytest.raises(ValueError, match=r"Config\(target='sm90'\) needs an SM90 GPU \(H100, H200\); this graph's GEMMs run on cpu"):
         targets.select_target(Config(target="sm90"), cpu)
-    with pytest.raises(NotImplementedError, match=r"target 'sm100' is not implemented yet"):
+    with pytest.raises(ValueError, match=r"Config\(target='sm100'\) needs an SM100 GPU"):
         targets.select_target(Config(target="sm100"), cpu)
 
 
 def test_auto_picks_sm90_only_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda", 0)
-    for capability, expected in (((9, 0), "sm90"), ((8, 0), "emulated"), ((10, 0), "emulated"), ((12, 0), "emulated")):
+    for capability, expected in (((9, 0), "sm90"), ((8, 0), "emulated"), ((10, 0), "sm100"), ((12, 0), "emulated")):
         monkeypatch.setattr(targets, "device_capability", lambda device, c=capability: c)
         assert targets.select_target(Config(), cuda) == expected

@@ -46,9 +46,10 @@ def compose(existing: Any, ours: MXJointPass) -> CustomGraphPass:
 def joint_pass_patches(config: Config) -> dict[str, Any]:
     """Inductor config patches that run the plugin's joint pass with ``config``.
 
-    Also registers the ``mxfp8::`` ops: an artifact served from Inductor's caches calls them
-    without any pass having run in this process.
+    Also registers the ``mxfp8::`` ops (an artifact served from Inductor's caches calls them
+    without any pass having run in this process) and their Inductor lowerings.
     """
+    import mxfp8_compile.lowering.inductor_quantize  # noqa: F401
     import mxfp8_compile.ops  # noqa: F401
     from torch._inductor import config as inductor_config
 

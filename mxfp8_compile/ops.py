@@ -17,7 +17,8 @@ to_blocked                 scales (..., R, C) -> SM100 blocked bytes (..., round
 to_blocked_m_groups        scales (M, K/32), offs -> per-token-group blocked A scales (2Dx3D)
 to_blocked_k_groups        scales (R, Mp/32), padded offs -> per-group blocked scales (2Dx2D)
 rebase_rowwise             (qdata, scales, dim) -> (rebased e4m3, one u8 scale per row)  (SM90)
-quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Triton on CUDA)
+quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Triton on CUDA; under
+                           Inductor a template that fuses its producer, lowering/inductor_quantize.py)
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
                            data transposed (K, Mp) (Triton on CUDA)

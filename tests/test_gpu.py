@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -127,3 +128,23 @@ def test_cast_ops_run_their_triton_kernels() -> None:
         # transposed view's row groups (an arange); no copies, no aten math
         setup = [k for k in kernels if "FillFunctor" in k or "arange_cuda_out" in k]
         assert [k for k in kernels if k not in setup] == expected and len(setup) <= 2, kernels
+
+
+@pytest.mark.usefixtures("no_compile_caches")
+def test_silu_mul_fuses_into_the_cast_kernel() -> None:
+    # the plugin's Inductor lowering (registered when the plugin is used): the producer of the
+    # down projection's input becomes the prologue of the cast template, one kernel in all
+    import mxfp8_compile.lowering.inductor_quantize  # noqa: F401
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h1, h3 = (torch.randn(4096, 2048, device="cuda", dtype=BF16, generator=g) for _ in range(2))
+    (q, s), code = run_and_get_code(torch.compile(lambda a, b: ops.quantize_rebase(F.silu(a) * b)), h1, h3)
+    code = "\n".join(code)
+    kernels = re.findall(r"def (triton_\w+)\(", code)
+    assert len(kernels) == 1 and "tem" in kernels[0] and "silu" in kernels[0], kernels
+    assert "ops.mxfp8.quantize_rebase.default(" not in code  # no fallback call to the custom op
+    h = torch.compile(lambda a, b: F.silu(a) * b)(h1, h3)  # Inductor's own rounding of h
+    rq, rs = ops.quantize_rebase(h)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+

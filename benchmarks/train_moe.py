@@ -1,0 +1,211 @@
+"""Train a small MoE language model on real text, ``torch.compile`` bf16 against ``backend="mxfp8"``.
+
+Data: the Python standard library's own source files (``sysconfig.get_paths()["stdlib"]``, on
+every machine, no download), bytes as tokens (vocab 256), files in sorted order, the last 5% of
+the bytes held out. Model: the plugin's example MoE (``examples/moe.py``: attention, router, top-2
+of 8 SiLU-gated experts through ``torch._grouped_mm``) under a byte embedding; the default preset
+has 8 layers and about 250M parameters. Both runs start from the same weights and see the same
+batches in the same order; AdamW with warm-up and cosine decay.
+
+    python benchmarks/train_moe.py --steps 2000 --out train_out      # on a GPU
+    python benchmarks/train_moe.py --preset tiny --steps 20 --out d  # a CPU dry run
+
+Writes ``<out>/log.csv`` (every step of both runs), ``<out>/loss.png`` (training loss, bf16 blue
+and MXFP8 orange; held-out loss as the darker lines) and ``<out>/summary.md`` (the table for
+benchmarks/RESULTS.md, appended there with ``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import nn
+
+from line_plot import line_plot
+from mxfp8_compile.examples.moe import MoEConfig, MoEModel
+
+PRESETS = {
+    # 8 layers, 8 experts, top-2: about 250M parameters, 8192 tokens a step
+    "default": dict(model=MoEConfig(dim=768, heads=12, layers=8, experts=8, top_k=2, expert_hidden=1536,
+                                    shared_hidden=0, vocab=256), batch=8, seq=1024),
+    "tiny": dict(model=MoEConfig(dim=64, heads=2, layers=2, experts=8, top_k=2, expert_hidden=64,
+                                 shared_hidden=0, vocab=256), batch=2, seq=64),
+}
+COLOURS = {"bf16": ((70, 110, 200), (20, 40, 120)), "mxfp8": ((240, 140, 40), (150, 70, 0))}
+
+
+def load_text(max_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) uint8 tensors of the stdlib's .py files, sorted by path, 95/5 split."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if max_bytes and total >= max_bytes:
+            break
+    text = torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+    split = int(len(text) * 0.95)
+    return text[:split], text[split:]
+
+
+class ByteLM(nn.Module):
+    """Byte embedding -> the example MoE model -> logits over 256 bytes."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab, cfg.dim)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.body = MoEModel(cfg)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.body(self.embed(tokens))
+
+
+def batches(text: torch.Tensor, batch: int, seq: int, seed: int):
+    """Endless (input, target) batches of random windows, the same sequence for every run."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(text) - seq - 1, (batch,), generator=g)
+        window = torch.stack([text[s:s + seq + 1] for s in starts.tolist()]).long()
+        yield window[:, :-1], window[:, 1:]
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def heldout_loss(model: nn.Module, held: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x.to(device)).float().flatten(0, 1), y.to(device).flatten()).item()
+                  for x, y in held]
+    return statistics.fmean(losses)
+
+
+def train(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> list[dict]:
+    preset = PRESETS[args.preset]
+    cfg, batch, seq = preset["model"], preset["batch"], preset["seq"]
+    torch.manual_seed(args.seed)
+    model = ByteLM(cfg).to(device=device, dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    compiled = torch.compile(model) if name == "bf16" else torch.compile(model, backend="mxfp8")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    held_gen = batches(text[1], batch, seq, seed=args.seed + 1)
+    held = [next(held_gen) for _ in range(args.heldout_batches)]
+    data = batches(text[0], batch, seq, seed=args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows, start = [], time.perf_counter()
+    for step in range(args.steps):
+        x, y = (t.to(device, non_blocking=True) for t in next(data))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(compiled(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # synchronizes: the step's time is complete
+        seconds = time.perf_counter() - t0
+        row = {"run": name, "step": step, "train_loss": loss_value, "tokens_per_s": batch * seq / seconds,
+               "heldout_loss": ""}
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            row["heldout_loss"] = heldout_loss(compiled, held, device)
+        rows.append(row)
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"{name}: the loss is {loss_value} at step {step}; stopping")
+        done = (step + 1) / args.steps
+        print(f"\r{name:6s} [{'#' * int(30 * done):30s}] {step + 1}/{args.steps} loss {loss_value:.3f} "
+              f"{row['tokens_per_s']:,.0f} tok/s {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+    for row in rows:
+        row["params"], row["peak_bytes"] = params, peak
+    return rows
+
+
+def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) -> str:
+    out = {}
+    for name in ("bf16", "mxfp8"):
+        mine = [r for r in rows if r["run"] == name]
+        tail = mine[len(mine) // 10:]  # skip compilation and warm-up steps
+        out[name] = {
+            "train": statistics.fmean(r["train_loss"] for r in mine[-args.eval_every:]),
+            "heldout": [r["heldout_loss"] for r in mine if r["heldout_loss"] != ""][-1],
+            "tps": statistics.median(r["tokens_per_s"] for r in tail),
+            "peak": mine[-1]["peak_bytes"],
+        }
+    b, m = out["bf16"], out["mxfp8"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [
+        f"### {datetime.date.today().isoformat()}: train_moe.py, preset {args.preset}, {args.steps} steps, "
+        f"{rows[0]['params'] / 1e6:.1f}M parameters",
+        "",
+        f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}. Same seed, weights and batches.",
+        "",
+        "| run | train loss (last evals) | held-out loss | median tokens/s | peak memory GiB |",
+        "|---|---|---|---|---|",
+    ]
+    for run, v in out.items():
+        lines.append(f"| {run} | {v['train']:.4f} | {v['heldout']:.4f} | {v['tps']:,.0f} | {v['peak'] / 2**30:.2f} |")
+    lines += ["", f"Held-out gap (mxfp8 / bf16 - 1): {m['heldout'] / b['heldout'] - 1:+.2%}; "
+                  f"tokens/s ratio {m['tps'] / b['tps']:.2f}x; peak memory ratio {m['peak'] / b['peak']:.2f}x.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="default", choices=list(PRESETS))
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--heldout-batches", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-bytes", type=int, default=None, help="read only this much of the stdlib")
+    parser.add_argument("--out", default="train_moe_out")
+    parser.add_argument("--results", default=None, help="append the summary to this Markdown file")
+    args = parser.parse_args()
+    args.warmup = min(args.warmup, max(1, args.steps // 10))
+    args.eval_every = min(args.eval_every, args.steps)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = load_text(args.max_bytes)
+    print(f"stdlib text: {len(text[0]):,} train bytes, {len(text[1]):,} held out; device {device}", file=sys.stderr)
+    rows = train("bf16", args, text, device) + train("mxfp8", args, text, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    series = []
+    for run, (light, dark) in COLOURS.items():
+        mine = [r for r in rows if r["run"] == run]
+        series.append(([(r["step"], r["train_loss"]) for r in mine], light))
+        series.append(([(r["step"], r["heldout_loss"]) for r in mine if r["heldout_loss"] != ""], dark))
+    (out / "loss.png").write_bytes(line_plot(series))
+    summary = summarize(rows, args, device)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + summary)
+
+
+if __name__ == "__main__":
+    main()

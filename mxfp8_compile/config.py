@@ -12,6 +12,7 @@ from mxfp8_compile.numerics import ScaleMode
 
 TARGETS = ("auto", "sm100", "sm90", "emulated")
 GEMM_ROLES = ("forward", "dgrad", "wgrad")
+A2A_WGRAD_POLICIES = ("dequant", "requant", "bf16_a2a")
 OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -32,6 +33,14 @@ class Config:
     operand_dtypes: operand dtypes that may be quantized; others stay as they are.
     fast_accum: on sm90, let the FP8 GEMMs accumulate in Hopper's faster, less precise mode
         (``use_fast_accum``); off by default.
+    a2a_wgrad: what happens to a weight-gradient GEMM whose token rows arrive through an
+        all-to-all that the plugin moves quantization ahead of (expert parallel). The rows then
+        travel as MXFP8 scaled along the hidden dim, but the wgrad contracts over tokens and
+        needs blocks along tokens, which that layout cannot give. ``"dequant"`` (default, as
+        torchao's ``wgrad_with_hp``): the wgrad runs in bf16 on the dequantized MX rows.
+        ``"requant"``: the rows are dequantized and quantized again along tokens per group,
+        and the wgrad stays MXFP8 (two roundings). ``"bf16_a2a"``: that all-to-all stays in
+        bf16 and is not hoisted; the wgrad is converted as usual.
     """
 
     scale_mode: str = "rceil"
@@ -44,10 +53,12 @@ class Config:
     min_gemm_size: int = 0
     operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
     fast_accum: bool = False
+    a2a_wgrad: str = "dequant"
 
     def __post_init__(self) -> None:
         _check_choice("scale_mode", self.scale_mode, tuple(m.value for m in ScaleMode))
         _check_choice("target", self.target, TARGETS)
+        _check_choice("a2a_wgrad", self.a2a_wgrad, A2A_WGRAD_POLICIES)
         for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_modules", "operand_dtypes"):
             object.__setattr__(self, name, _as_str_tuple(name, getattr(self, name)))
         for role in self.gemms:

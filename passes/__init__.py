@@ -1,5 +1,5 @@
-"""FX passes on aten graphs: find, rewrite and report MXFP8 GEMMs (installed as
-``mxfp8_compile.passes``).
+"""FX passes on aten graphs: find, rewrite and report MXFP8 GEMMs, and move their quantization
+ahead of all-to-alls (installed as ``mxfp8_compile.passes``).
 
 ``MXJointPass`` is what Inductor's ``joint_custom_pre_pass`` hook (and the backend's
 AOTAutograd-only mode) runs on the joint training graph, or on the inference graph. Its
@@ -23,6 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.find_gemms import find_gemms
+from mxfp8_compile.passes.hoist_quantize import apply_hoists, plan_hoists
 from mxfp8_compile.passes.rewrite_gemms import rewrite_gemms
 
 _log = logging.getLogger("mxfp8_compile")
@@ -48,7 +49,8 @@ def pass_uuid(config: Config, files: tuple[str, ...] | None = None) -> str:
 
 
 def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
-    """Find and rewrite the GEMMs of one graph; record and emit the report."""
+    """Find and rewrite the GEMMs of one graph, move their quantization ahead of the
+    all-to-alls that deliver their rows; record and emit the report."""
     import mxfp8_compile.ops  # noqa: F401  (the rewrite inserts them)
     from mxfp8_compile.lowering.targets import select_target
 
@@ -58,13 +60,16 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     matches = find_gemms(graph, config)
     converted = [m for m in matches if m.decision]
     target = select_target(config, converted[0].a.node.meta["val"].device) if converted else "none"
+    hoists, matches = plan_hoists(matches, config, target)  # may keep wgrads in bf16
     rewrite_gemms(graph, matches, config, target)
+    apply_hoists(graph, hoists)
     graph.lint()
     rep = _report.PassReport(
         graph="training" if training else "inference",
         target=target,
         config=repr(config),
         entries=[_report.Entry(m.site, m.decision) for m in matches],
+        hoists=[_report.HoistEntry(h.site, h.decision) for h in hoists],
         graph_before=before,
         graph_after=graph.python_code("self").src if capture else None,
     )

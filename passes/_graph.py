@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -43,15 +44,18 @@ def insert_call(
     *,
     like: fx.Node,
     provenance: str,
+    kwargs: dict[str, Any] | None = None,
 ) -> fx.Node:
-    """Insert ``target(*args)`` before ``like`` with ``meta["val"]`` computed on fake values."""
-    vals = [_val(a) for a in args]
-    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    """Insert ``target(*args, **kwargs)`` before ``like`` with ``meta["val"]`` computed on fake
+    values (nodes nested in lists, as ``cat`` or a collective's split sizes take them, too)."""
+    kwargs = kwargs or {}
+    vals, kwvals = fx.node.map_aggregate((tuple(args), kwargs), _val)
+    fake_mode = detect_fake_mode([v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)])
     assert fake_mode is not None, "graph values must be fake tensors (meta['val'] missing)"
     with fake_mode:
-        val = target(*vals)
+        val = target(*vals, **kwvals)
     with graph.inserting_before(like):
-        node = graph.call_function(target, tuple(args))
+        node = graph.call_function(target, tuple(args), kwargs)
     node.meta["val"] = val
     for key in _INHERITED_META:
         if key in like.meta:
@@ -86,6 +90,10 @@ def known_multiple(size: int | torch.SymInt, multiple: int) -> bool:
 
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+# Not parts of the FQN users see: Dynamo spells some attribute accesses through the module's
+# dicts (``moe.__dict__['_modules']['x']``, inside activation checkpointing), and torch's
+# checkpoint wrapper adds a component that its state_dict hides.
+_HIDDEN_COMPONENTS = frozenset({"__dict__", "_modules", "_checkpoint_wrapped_module"})
 
 
 def normalize_fqn(dynamo_path: str) -> str:
@@ -93,7 +101,7 @@ def normalize_fqn(dynamo_path: str) -> str:
     path = re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", dynamo_path)
     path = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
     path = re.sub(r"^self\.", "", path)
-    return path.strip(".").replace("._modules.", ".")
+    return ".".join(c for c in path.split(".") if c and c not in _HIDDEN_COMPONENTS)
 
 
 def module_fqn(node: fx.Node) -> str:

@@ -1,7 +1,8 @@
 """What the passes found and decided: one record per GEMM, one report per compiled graph.
 
-``GemmSite`` is a frozen record of one GEMM (``find_gemms`` makes them); ``Convert`` and the
-falsy ``Skip`` are decisions; ``PassReport`` collects them for a graph and is what
+``GemmSite`` is a frozen record of one GEMM (``find_gemms`` makes them), ``HoistSite`` one of an
+all-to-all whose rows feed quantized GEMM operands (``hoist_quantize`` makes them); ``Convert``
+and the falsy ``Skip`` are decisions; ``PassReport`` collects them for a graph and is what
 ``mxfp8_compile.last_report()``, the ``mxfp8_rewrite_report`` trace artifact and the dump tool
 read.
 """
@@ -14,6 +15,7 @@ import contextvars
 import dataclasses
 import enum
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +37,8 @@ class Layout(str, enum.Enum):
 
 
 class SkipReason(str, enum.Enum):
-    """Why a GEMM stays in high precision. The value is the sentence the report prints."""
+    """Why a GEMM stays in high precision, or an all-to-all stays as it was. The value is the
+    sentence the report prints."""
 
     ROLE_DISABLED = "this GEMM role is not in Config.gemms"
     DENSE_DISABLED = "dense linears are off (Config.dense_linears)"
@@ -47,6 +50,16 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED_LAYOUT = "no MX path for this grouped GEMM layout"
     UNSUPPORTED_ARGS = "GEMM arguments the MX path does not take"
     TOO_SMALL = "weight has fewer elements than Config.min_gemm_size"
+    A2A_WGRAD_DEQUANT = (
+        "a2a_wgrad='dequant': its token rows cross an all-to-all as MXFP8 scaled along the hidden "
+        "dim; the wgrad runs in bf16 on their dequantized values"
+    )
+    A2A_NOT_ROW_LOCAL = (
+        "the all-to-all's rows also feed an op that needs them in high precision (not row-local, and "
+        "not a wgrad), so quantization cannot move above the all-to-all"
+    )
+    A2A_SYMBOLIC_ROWS = "the all-to-all's row shape (all but dim 0) is symbolic; the hoist needs it static"
+    A2A_BF16_FOR_WGRAD = "a2a_wgrad='bf16_a2a': the all-to-all stays in bf16 for the wgrad that reads its rows"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +89,45 @@ class GemmSite:
     @property
     def label(self) -> str:
         return self.node if self.output is None else f"{self.node}[{self.output}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class HoistSite:
+    """An all-to-all (``a2a``, a node name) whose rows become the row-quantized A operand of
+    GEMMs (``gemms``: their labels), through the row-moving ops ``crossed`` (targets, from the
+    all-to-all down). ``wgrads`` are the wgrad GEMMs reading the same rows along tokens and
+    ``wgrad_policy`` the ``Config.a2a_wgrad`` applied to them ("" when there are none).
+
+    Bytes on the wire per row: ``row_bytes_before`` as the graph had it, ``row_bytes_after`` as
+    MXFP8 data plus its scales (K/32 bytes, or one byte for sm90's rebased rows); ``rows`` is the
+    row count (a symbolic size prints as its expression). ``notes`` say how numerics change:
+    a dtype cast crossed means the wider values are quantized.
+    """
+
+    a2a: str
+    backward: bool
+    crossed: tuple[str, ...]
+    gemms: tuple[str, ...]
+    wgrads: tuple[str, ...]
+    rows: str
+    row_bytes_before: int
+    row_bytes_after: int
+    wgrad_policy: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        """Bytes after / before; nan when the row shape is symbolic (not counted)."""
+        return self.row_bytes_after / self.row_bytes_before if self.row_bytes_before else math.nan
+
+    def describe(self) -> str:
+        """One line: where, what moved, the bytes, and the wgrad policy applied."""
+        where = f"{self.a2a} ({'backward' if self.backward else 'forward'}, {self.rows} rows)"
+        text = (f"{where}: {self.row_bytes_before} -> {self.row_bytes_after} B/row ({self.ratio:.2f}x); "
+                f"crossed {', '.join(self.crossed)}; feeds {', '.join(self.gemms)}")
+        if self.wgrads:
+            text += f"; wgrad policy {self.wgrad_policy!r} at {', '.join(self.wgrads)}"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +163,16 @@ class Entry:
         return bool(self.decision)
 
 
+@dataclasses.dataclass(frozen=True)
+class HoistEntry:
+    site: HoistSite
+    decision: Decision
+
+    @property
+    def hoisted(self) -> bool:
+        return bool(self.decision)
+
+
 @dataclasses.dataclass
 class PassReport:
     """The decisions of one pass run over one graph (a joint training graph or an inference graph)."""
@@ -119,6 +181,7 @@ class PassReport:
     target: str
     config: str
     entries: list[Entry] = dataclasses.field(default_factory=list)
+    hoists: list[HoistEntry] = dataclasses.field(default_factory=list)
     # The graph as code before and after the passes; filled only while ``capture_graphs()``
     # is active or TORCH_TRACE is set (rendering a large graph costs compile time).
     graph_before: str | None = None
@@ -141,7 +204,8 @@ class PassReport:
         return dict(sorted(out.items()))
 
     def to_text(self) -> str:
-        """The decision table: one line per GEMM."""
+        """The decision table: one line per GEMM; then one per all-to-all whose rows feed
+        quantized GEMM operands, and the bytes on the wire for those rows."""
         header = ("node", "role", "layout", "shapes (A x B)", "dtype", "bytes", "module", "decision")
         rows = [header]
         for e in self.entries:
@@ -154,7 +218,27 @@ class PassReport:
         lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target})"]
         for row in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        return "\n".join(lines)
+        return "\n".join(lines + self._hoist_lines())
+
+    def _hoist_lines(self) -> list[str]:
+        if not self.hoists:
+            return []
+        lines = ["all-to-alls whose rows feed quantized GEMM operands:"]
+        for h in self.hoists:
+            verdict = "quantization moved ahead" if h.hoisted else f"left as it was: {h.decision}"
+            lines.append(f"  {h.site.describe()}: {verdict}")
+            lines += [f"    note: {note}" for note in h.site.notes]
+        before, after = self.wire_row_bytes()
+        if before:
+            lines.append(f"  bytes on the wire for these rows: {before} -> {after} B/row ({after / before:.2f}x)")
+        return lines
+
+    def wire_row_bytes(self) -> tuple[int, int]:
+        """Bytes per row of the all-to-alls whose rows feed quantized GEMMs, summed: as the graph
+        had them, and after the pass (the same for those left as they were)."""
+        before = sum(h.site.row_bytes_before for h in self.hoists)
+        after = sum(h.site.row_bytes_after if h.hoisted else h.site.row_bytes_before for h in self.hoists)
+        return before, after
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -167,15 +251,28 @@ class PassReport:
                     "role": e.site.role.value,
                     "layout": e.site.layout.value,
                     "converted": e.converted,
-                    "reason": None if e.converted else e.decision.reason.name,
-                    "detail": None if e.converted else str(e.decision),
+                    **_decision_json(e.decision),
                 }
                 for e in self.entries
+            ],
+            "hoists": [
+                {
+                    **dataclasses.asdict(h.site),
+                    "hoisted": h.hoisted,
+                    **_decision_json(h.decision),
+                }
+                for h in self.hoists
             ],
         }
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _decision_json(decision: Decision) -> dict[str, str | None]:
+    if isinstance(decision, Skip):
+        return {"reason": decision.reason.name, "detail": str(decision)}
+    return {"reason": None, "detail": None}
 
 
 def format_bytes(n: float | None) -> str:

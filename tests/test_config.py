@@ -20,6 +20,7 @@ from mxfp8_compile import Config
         ({"exclude_fqns": (3,)}, TypeError, r"Config.exclude_fqns must hold strings, got 3"),
         ({"min_gemm_size": -1}, ValueError, r"Config.min_gemm_size must be an int >= 0, got -1"),
         ({"dense_linears": "yes"}, TypeError, r"Config.dense_linears must be a bool, got 'yes'"),
+        ({"a2a_wgrad": "bf16"}, ValueError, r"Config.a2a_wgrad: 'bf16' is not allowed; allowed values: 'dequant', 'requant', 'bf16_a2a'"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(kwargs: dict, error: type, message: str) -> None:

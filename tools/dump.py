@@ -26,20 +26,23 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
 from mxfp8_compile.backend import aot_backend
-from mxfp8_compile.config import Config
+from mxfp8_compile.config import A2A_WGRAD_POLICIES, Config
 from mxfp8_compile.passes import report as _report
+from mxfp8_compile.passes.hoist_quantize import a2a_payloads
 from mxfp8_compile.passes.report import PassReport, format_bytes
 from mxfp8_compile.tools._render import region_svg
 
-A2A = "_c10d_functional.all_to_all_single.default"
+
+Size = int | sympy.Expr  # bytes; an expression of the sizes when they are data-dependent
 
 
 class DumpError(Exception):
@@ -59,8 +62,9 @@ class GraphDump:
 class DumpResult:
     graphs: list[GraphDump]
     summary: str
-    saved_bytes: tuple[int, int] | None  # saved for backward: bf16 compile, with the plugin
+    saved_bytes: tuple[Size, Size] | None  # saved for backward: bf16 compile, with the plugin
     out: Path | None
+    saved_by_dtype: tuple[dict[str, Size], dict[str, Size]] | None = None  # the same, per dtype
 
     @property
     def reports(self) -> list[PassReport]:
@@ -107,12 +111,13 @@ def dump(
     if not any(r.entries for r in new_reports):
         raise DumpError(f"{name}: no GEMM (_grouped_mm, mm, addmm) in the compiled graphs, nothing to convert")
 
-    saved = None
+    saved = by_dtype = None
     if train:  # over every backward graph: a graph break makes several
-        saved = tuple(sum(_saved_bytes(gm) for kind, gm in run if kind == "backward")
-                      for run in (baseline_graphs, graphs))
-    summary = _summary(name, mode, dumps, saved, graphs)
-    result = DumpResult(dumps, summary, saved, Path(out) if out is not None else None)
+        by_dtype = tuple(saved_for_backward(gm for kind, gm in run if kind == "backward")
+                         for run in (baseline_graphs, graphs))
+        saved = tuple(sum(d.values()) for d in by_dtype)
+    summary = _summary(name, mode, dumps, by_dtype, baseline_graphs, graphs)
+    result = DumpResult(dumps, summary, saved, Path(out) if out is not None else None, by_dtype)
     if out is not None:
         _write(result, Path(out))
     return result
@@ -145,33 +150,60 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise DumpError(f"the model's output ({type(out).__name__}) holds no floating-point tensor to train on")
 
 
-def _nbytes(val: torch.Tensor) -> int:
-    return val.numel() * val.element_size()
+def _nbytes(val: torch.Tensor) -> Size:
+    numel = val.numel()
+    return (numel.node.expr if isinstance(numel, torch.SymInt) else numel) * val.element_size()
 
 
-def _saved_bytes(backward: fx.GraphModule) -> int:
-    """Bytes of what the forward saves for the backward: the backward's non-tangent inputs."""
-    total = 0
-    for node in backward.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if not node.name.startswith("tangents") and isinstance(val, torch.Tensor):
-            total += _nbytes(val)
-    return total
+def _format_size(n: Size) -> str:
+    """``format_bytes``, or for a symbolic size its constant part plus the rest in bytes:
+    ``1.50 KiB + 512*u0 B`` (expert-parallel graphs size tokens by the all-to-all's splits)."""
+    n = sympy.sympify(n)
+    if n.is_number:
+        return format_bytes(int(n))
+    constant, rest = n.as_coeff_Add()
+    return f"{format_bytes(int(constant))} + {rest} B" if constant else f"{rest} B"
 
 
-def _a2a_bytes(graph: fx.GraphModule) -> int:
-    total = 0
-    for node in graph.graph.nodes:
-        if str(node.target) == A2A:
-            total += _nbytes(node.args[0].meta["val"])
-    return total
+def saved_for_backward(backwards: Iterable[fx.GraphModule]) -> dict[str, Size]:
+    """Bytes of what the forward saves for the backward (the backward graphs' non-tangent
+    inputs), per dtype name: ``bfloat16``, ``float8_e4m3fn`` (MX data), ``uint8`` (MX scales)..."""
+    saved: dict[str, Size] = {}
+    for backward in backwards:
+        for node in backward.graph.find_nodes(op="placeholder"):
+            val = node.meta.get("val")
+            if not node.name.startswith("tangents") and isinstance(val, torch.Tensor):
+                dtype = str(val.dtype).removeprefix("torch.")
+                saved[dtype] = saved.get(dtype, 0) + _nbytes(val)
+    return dict(sorted(saved.items()))
+
+
+def _a2a_line(reports: list[PassReport], baseline: list[tuple[str, fx.GraphModule]],
+              graphs: list[tuple[str, fx.GraphModule]]) -> str:
+    """Token bytes per row on the wire, summed over the all-to-alls of the joint (or inference)
+    graphs, without and with the plugin, and how many the quantization moved ahead of."""
+    def token_row_bytes(run: list[tuple[str, fx.GraphModule]]) -> tuple[int, int]:
+        payloads = [p for kind, gm in run if kind in ("joint", "inference")
+                    for p in a2a_payloads(gm.graph) if p.tokens]
+        return sum(p.row_bytes for p in payloads), len(payloads)
+
+    before, count = token_row_bytes(baseline)
+    if not count:
+        return "all-to-all payload: no all-to-all in the graphs"
+    after, _ = token_row_bytes(graphs)
+    hoists = [h for r in reports for h in r.hoists]
+    moved = sum(h.hoisted for h in hoists)
+    return (f"all-to-all payload: {before} -> {after} B per token row over {count} token all-to-alls "
+            f"({after / before:.2f}x); quantization moved ahead of {moved} of the {len(hoists)} whose rows "
+            f"feed quantized GEMMs (the others carry GEMM outputs or gradients to scatter-adds)")
 
 
 def _summary(
     name: str,
     mode: str,
     dumps: list[GraphDump],
-    saved: tuple[int, int] | None,
+    saved: tuple[dict[str, Size], dict[str, Size]] | None,
+    baseline: list[tuple[str, fx.GraphModule]],
     graphs: list[tuple[str, fx.GraphModule]],
 ) -> str:
     reports = [d.report for d in dumps]
@@ -187,13 +219,13 @@ def _summary(
     before = sum(e.site.bytes_before or 0 for r in reports for e in r.entries if e.converted)
     after = sum(e.site.bytes_after or 0 for r in reports for e in r.entries if e.converted)
     lines.append(f"operands of the converted GEMMs: {format_bytes(before)} -> {format_bytes(after)}")
-    a2a_before = sum(_a2a_bytes(gm) for kind, gm in graphs if kind in ("joint", "inference"))
-    if a2a_before:
-        lines.append(f"all-to-all payload: {format_bytes(a2a_before)} (quantization is not moved across collectives yet)")
-    else:
-        lines.append("all-to-all payload: no all-to-all in the graphs")
+    lines.append(_a2a_line(reports, baseline, graphs))
     if saved is not None:
-        lines.append(f"saved for backward: {format_bytes(saved[0])} (bf16 compile) -> {format_bytes(saved[1])} (with the plugin)")
+        before, after = (sum(d.values()) for d in saved)
+        lines.append(f"saved for backward: {_format_size(before)} (bf16 compile) -> {_format_size(after)} (with the plugin)")
+        lines.append("  by dtype: " + ", ".join(
+            f"{dtype} {_format_size(saved[0].get(dtype, 0))} -> {_format_size(saved[1].get(dtype, 0))}"
+            for dtype in sorted(saved[0].keys() | saved[1].keys())))
     return "\n".join(lines)
 
 
@@ -280,6 +312,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], help="keep FQNs containing this in bf16 (repeatable)")
     p.add_argument("--keep-bf16", default="gate,router,lm_head,output", help="FQN components kept in bf16")
     p.add_argument("--min-gemm-size", type=int, default=0, help="keep GEMMs with K*N below this in bf16")
+    p.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES,
+                   help="wgrads of token rows that cross an all-to-all as MXFP8 (see Config.a2a_wgrad)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -292,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_mode=args.scale_mode, target=args.target, gemms=tuple(filter(None, args.gemms.split(","))),
             dense_linears=not args.no_dense_linears, include_fqns=tuple(args.include),
             exclude_fqns=tuple(args.exclude), keep_bf16_modules=tuple(filter(None, args.keep_bf16.split(","))),
-            min_gemm_size=args.min_gemm_size,
+            min_gemm_size=args.min_gemm_size, a2a_wgrad=args.a2a_wgrad,
         )
         if args.example:
             examples = _examples()

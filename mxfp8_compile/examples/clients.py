@@ -82,3 +82,26 @@ def torchtitan_dsv3(*, force_balance: bool = False) -> torch.nn.Module:
 def torchtitan_example(*, tokens: int = 64) -> tuple[torch.nn.Module, tuple[object, ...]]:
     tok = torch.randint(0, 2000, (2, tokens), generator=torch.Generator().manual_seed(0))
     return torchtitan_dsv3(), (tok, torch.arange(tokens).expand(2, tokens), None)
+
+
+def torchtitan_dsv3_ep(mesh: object, *, force_balance: bool = False) -> torch.nn.Module:
+    """``torchtitan_dsv3`` with expert parallelism over ``mesh`` (a 1D ``DeviceMesh`` named
+    ``"ep"``): every MoE layer keeps this rank's slice of its experts and dispatches tokens through
+    torchtitan's ``AllToAllTokenDispatcher``, as torchtitan's ``parallelize`` does with ``Shard(0)``
+    DTensors (plain tensors here: the dispatch runs on the local tensors either way)."""
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    set_spmd_backend("dtensor")  # anything but "spmd_types": the dispatcher's funcol path
+    model = torchtitan_dsv3(force_balance=force_balance)
+    ep, rank = mesh.size(), mesh.get_local_rank()
+    for block in model.layers.values():
+        if not hasattr(block, "moe"):  # the dense first layer
+            continue
+        routed = block.moe.routed_experts
+        routed.token_dispatcher.wire_meshes(ep_mesh=mesh)
+        experts = routed.inner_experts
+        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            weight = getattr(experts, name).detach()
+            local = weight.shape[0] // ep
+            setattr(experts, name, torch.nn.Parameter(weight[rank * local:(rank + 1) * local].clone()))
+    return model

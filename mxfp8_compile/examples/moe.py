@@ -72,6 +72,30 @@ class SharedExpert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Top-k routing of T tokens over E experts, in expert order (each expert's slots together,
+    tokens in order within an expert): ``source`` (T*k,) the token of each slot, ``weights``
+    (T*k, 1) its normalized routing weight in the tokens' dtype, ``counts`` (E,) int64 slots per
+    expert."""
+
+    source: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+
+
+def route(gate: nn.Linear, tokens: torch.Tensor, experts: int, top_k: int) -> Routing:
+    """Softmax over the gate's logits (fp32), top-k, weights renormalized over the k chosen."""
+    probs = gate(tokens).float().softmax(dim=-1)
+    weights, expert_ids = probs.topk(top_k, dim=-1)
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(tokens.dtype)
+    flat_ids = expert_ids.flatten()
+    order = torch.sort(flat_ids, stable=True).indices
+    counts = torch.zeros(experts, dtype=torch.int64, device=tokens.device)
+    counts = counts.scatter_add(0, flat_ids, torch.ones_like(flat_ids))
+    return Routing(order // top_k, weights.flatten()[order, None], counts)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -83,17 +107,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        probs = self.gate(tokens).float().softmax(dim=-1)
-        weights, expert_ids = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        flat_ids = expert_ids.flatten()
-        order = torch.sort(flat_ids, stable=True).indices
-        source = order // self.top_k
-        counts = torch.zeros(self.experts_count, dtype=torch.int64, device=x.device)
-        counts = counts.scatter_add(0, flat_ids, torch.ones_like(flat_ids))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        routed = self.experts(tokens[source], offs) * weights.flatten()[order, None]
-        out = torch.zeros_like(tokens).index_add(0, source, routed)
+        r = route(self.gate, tokens, self.experts_count, self.top_k)
+        offs = torch.cumsum(r.counts, 0, dtype=torch.int32)
+        routed = self.experts(tokens[r.source], offs) * r.weights
+        out = torch.zeros_like(tokens).index_add(0, r.source, routed)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.reshape(shape)

@@ -2,10 +2,12 @@
 
 Same run, same shapes, same inputs: router, top-1 routing, SiLU-gated experts through
 ``torch._grouped_mm``, no shared expert. Timed with ``triton.testing.do_bench`` (median) over
-rotating inputs after warm-up; compile times with Inductor's caches off. The GEMMs alone are in
-bench_gemms.py, where the time goes in profile_moe_layer.py.
+rotating inputs after warm-up; compile times with Inductor's caches off; the peak memory of one
+step (``torch.cuda.max_memory_allocated`` after a reset, less what was allocated before the step).
+``--checkpoint`` wraps the layer in full activation checkpointing for both compilations. The GEMMs alone are in bench_gemms.py, where the
+time goes in profile_moe_layer.py.
 
-    python benchmarks/bench_moe_layer.py --shapes deepseek_v3 llama4_scout --tokens 16384
+    python benchmarks/bench_moe_layer.py --shapes deepseek_v3 llama4_scout --tokens 16384 [--checkpoint]
 
 Prints a table and writes the raw numbers as JSON (``--out``); the caller records them in
 benchmarks/RESULTS.md.
@@ -25,6 +27,7 @@ import triton
 from triton.testing import do_bench
 
 import mxfp8_compile
+from mxfp8_compile.examples.checkpointing import checkpointed
 from mxfp8_compile.examples.moe import MoE, MoEConfig
 from mxfp8_compile.numerics import sqnr
 
@@ -43,10 +46,24 @@ def _sync_time(fn) -> float:
     return time.perf_counter() - start
 
 
-def moe_layer(shape: str, tokens: int, experts: int) -> dict:
+def _step_peak_mib(step) -> float:
+    """Peak memory of one step (after a warm-up step) above what was allocated before it, in MiB:
+    the weights, grads and inputs of both layers are there before and are not counted."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool) -> dict:
     cfg = MoEConfig(**SHAPES[shape], experts=experts, top_k=1, shared_hidden=0, layers=1)
     torch.manual_seed(0)
     bf16 = MoE(cfg).to(device="cuda", dtype=torch.bfloat16)
+    if checkpoint:  # the wrapper forwards attribute lookups (.experts) to the layer
+        bf16 = checkpointed(bf16, "full")
     for p in bf16.parameters():
         torch.nn.init.normal_(p, std=0.02)
     mx = copy.deepcopy(bf16)
@@ -88,9 +105,11 @@ def moe_layer(shape: str, tokens: int, experts: int) -> dict:
     t_bf16 = do_bench(stepper(compiled_bf16), warmup=200, rep=1000, return_mode="median")
     t_mx = do_bench(stepper(compiled_mx), warmup=200, rep=1000, return_mode="median")
     return {
-        "shape": shape, "tokens": tokens, "experts": experts, **SHAPES[shape],
+        "shape": shape, "tokens": tokens, "experts": experts, **SHAPES[shape], "checkpoint": checkpoint,
         "target": report.target, "converted": len(report.converted()),
         "fwd_bwd_ms_bf16": t_bf16, "fwd_bwd_ms_mxfp8": t_mx, "speedup": t_bf16 / t_mx,
+        "step_peak_mib_bf16": _step_peak_mib(stepper(compiled_bf16)),
+        "step_peak_mib_mxfp8": _step_peak_mib(stepper(compiled_mx)),
         "compile_s_bf16": compile_bf16, "compile_s_mxfp8": compile_mx, **numerics,
     }
 
@@ -100,6 +119,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384])
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--checkpoint", action="store_true", help="full activation checkpointing around the layer")
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = parser.parse_args()
     # compile times must not come from Inductor's on-disk caches
@@ -112,12 +132,13 @@ def main() -> None:
     results = {"meta": meta, "layer": []}
     for shape in args.shapes:
         for tokens in args.tokens:
-            r = moe_layer(shape, tokens, args.experts)
+            r = moe_layer(shape, tokens, args.experts, args.checkpoint)
             results["layer"].append(r)
             print(f"LAYER {shape:13s} tokens={tokens:6d} target {r['target']}: bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, "
                   f"mxfp8 {r['fwd_bwd_ms_mxfp8']:.2f} ms -> {r['speedup']:.2f}x | compile {r['compile_s_bf16']:.1f} s "
                   f"vs {r['compile_s_mxfp8']:.1f} s | SQNR out {r['output_sqnr']:.1f} dB, worst expert wgrad "
-                  f"{r['worst_expert_weight_grad_sqnr']:.1f} dB", flush=True)
+                  f"{r['worst_expert_weight_grad_sqnr']:.1f} dB | step peak memory {r['step_peak_mib_bf16']:.0f} MiB "
+                  f"vs {r['step_peak_mib_mxfp8']:.0f} MiB{' (checkpointed)' if r['checkpoint'] else ''}", flush=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=1)

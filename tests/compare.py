@@ -41,10 +41,12 @@ def compare(
     compile_fn: Callable[[torch.nn.Module], torch.nn.Module],
     inputs: tuple[torch.Tensor, ...],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    reference_fn: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> Comparison:
-    """SQNR of the compiled copy against the eager ``model``: output, grad of ``inputs[0]``
-    (if floating point) and every parameter's grad."""
-    reference = model
+    """SQNR of the compiled copy against the eager ``model``, or against ``reference_fn(model)``
+    (a bf16 compile of it): output, grad of ``inputs[0]`` (if floating point) and every
+    parameter's grad."""
+    reference = model if reference_fn is None else reference_fn(model)
     compiled_model = copy.deepcopy(model)
     compiled = compile_fn(compiled_model)
     differentiable = inputs[0].is_floating_point()
@@ -60,7 +62,7 @@ def compare(
     loss_fn(new_out).backward()
     grads = {
         name: sqnr(p_ref.grad, p_new.grad)
-        for (name, p_ref), (_, p_new) in zip(reference.named_parameters(), compiled_model.named_parameters())
+        for (name, p_ref), (_, p_new) in zip(model.named_parameters(), compiled_model.named_parameters())
         if p_ref.grad is not None
     }
     return Comparison(

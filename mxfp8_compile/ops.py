@@ -261,35 +261,59 @@ def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Ten
 # --------------------------------------------------------------------------------------------
 
 
-def _check_gemm(
-    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, b_dims: tuple[int, ...]
-) -> None:
-    """Check MX GEMM operands: A (..., K) scaled along dim -1, B (..., K, N) along dim -2."""
+def _check_dims(qa: Tensor, qb: Tensor, b_dims: tuple[int, ...]) -> None:
     if qa.dim() != 2:
         raise ValueError(f"A must be 2D, got shape {tuple(qa.shape)}")
     if qb.dim() not in b_dims:
         raise ValueError(f"B must be {' or '.join(map(str, b_dims))}D, got shape {tuple(qb.shape)}")
-    numerics.check_qdata("A", qa, sa, -1)
-    numerics.check_qdata("B", qb, sb, -2)
+
+
+def _check_contraction(qa: Tensor, qb: Tensor) -> None:
+    """A (.., K) against B (.., K, N)."""
     if qa.shape[-1] != qb.shape[-2]:
         raise ValueError(
             f"contraction dims differ: A {tuple(qa.shape)} has {qa.shape[-1]}, "
             f"B {tuple(qb.shape)} has {qb.shape[-2]}"
         )
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
 
 
-def _check_grouped_gemm(
-    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype
-) -> None:
-    _check_gemm(qa, sa, qb, sb, out_dtype, (2, 3))
+def _check_fp8_data(qa: Tensor, qb: Tensor) -> None:
+    for name, q in (("A", qa), ("B", qb)):
+        if q.dtype != _E4M3:
+            raise TypeError(f"{name} data must be float8_e4m3fn, got {q.dtype}")
+
+
+def _check_groups(qb: Tensor, offs: Tensor) -> None:
+    """Group end offsets, one group per expert of a 3D B."""
     numerics.check_offsets("offs", offs)
     if qb.dim() == 3 and offs.shape[0] != qb.shape[0]:
         raise ValueError(
             f"offs has {offs.shape[0]} groups but B of shape {tuple(qb.shape)} has "
             f"{qb.shape[0]} experts"
         )
+
+
+def _check_gemm(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, b_dims: tuple[int, ...]
+) -> None:
+    """Check MX GEMM operands: A (..., K) scaled along dim -1, B (..., K, N) along dim -2."""
+    _check_dims(qa, qb, b_dims)
+    numerics.check_qdata("A", qa, sa, -1)
+    numerics.check_qdata("B", qb, sb, -2)
+    _check_contraction(qa, qb)
+    _check_out_dtype(out_dtype)
+
+
+def _check_grouped_gemm(
+    qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype
+) -> None:
+    _check_gemm(qa, sa, qb, sb, out_dtype, (2, 3))
+    _check_groups(qb, offs)
 
 
 def _compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
@@ -357,12 +381,10 @@ def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) ->
 def _check_rowwise(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None) -> None:
     """A (.., K) with one scale per row; B (.., K, N) with one scale per column (per group for
     2Dx2D, where the contraction runs over each group's tokens)."""
-    for name, q, s in (("A", qa, sa), ("B", qb, sb)):
-        if q.dtype != _E4M3:
-            raise TypeError(f"{name} data must be float8_e4m3fn, got {q.dtype}")
+    _check_fp8_data(qa, qb)
+    for name, s in (("A", sa), ("B", sb)):
         _check_scales(f"{name} row scales", s)
-    if qa.shape[-1] != qb.shape[-2]:
-        raise ValueError(f"contraction dims differ: A {tuple(qa.shape)}, B {tuple(qb.shape)}")
+    _check_contraction(qa, qb)
     if offs is not None and qb.dim() == 2:  # 2Dx2D: per group and row
         expected = ((offs.shape[0], qa.shape[0]), (offs.shape[0], qb.shape[1]))
     elif offs is not None:
@@ -502,24 +524,13 @@ def _check_blocked_gemm(
     """Check the operands of ``scaled_grouped_mm_blocked`` (``offs`` given) or
     ``scaled_mm_blocked``: e4m3 data, contraction a multiple of 32, uint8 scales of exactly the
     blocked shapes (a superset of what torch's kernels check: they cannot see group sizes)."""
-    for name, q in (("A", qa), ("B", qb)):
-        if q.dtype != _E4M3:
-            raise TypeError(f"{name} data must be float8_e4m3fn, got {q.dtype}")
-    b_dims = (2,) if offs is None else (2, 3)
-    if qa.dim() != 2 or qb.dim() not in b_dims:
-        raise ValueError(
-            f"A must be 2D and B {' or '.join(map(str, b_dims))}D, got shapes {tuple(qa.shape)} "
-            f"and {tuple(qb.shape)}"
-        )
+    _check_fp8_data(qa, qb)
+    _check_dims(qa, qb, (2,) if offs is None else (2, 3))
     numerics.check_block_dim("A data", qa, -1)
-    if qa.shape[1] != qb.shape[-2]:
-        raise ValueError(f"contraction dims differ: A {tuple(qa.shape)}, B {tuple(qb.shape)}")
+    _check_contraction(qa, qb)
     if offs is not None:
-        numerics.check_offsets("offs", offs)
-        if qb.dim() == 3 and offs.shape[0] != qb.shape[0]:
-            raise ValueError(f"offs has {offs.shape[0]} groups, B {tuple(qb.shape)} has {qb.shape[0]} experts")
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+        _check_groups(qb, offs)
+    _check_out_dtype(out_dtype)
     expected = _blocked_shapes(qa, qb, None if offs is None else offs.shape[0])
     for name, s, shape in (("A", sa, expected[0]), ("B", sb, expected[1])):
         _check_scales(f"{name} blocked scales", s)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -67,97 +66,98 @@ def rewrite_gemms(graph: fx.Graph, matches: list[GemmMatch], config: Config, tar
     """Rewrite every converted match in place, for ``target``."""
     for match in matches:
         if match.decision:
-            _replace(graph, match, _emit(graph, match, config, target))
+            nodes = _Nodes(graph, match)
+            out = _EMITTERS[target](match, config, nodes)
+            _replace(graph, match, out if match.bias is None else nodes.call(aten.add.Tensor, out, match.bias))
 
 
-def _emit(graph: fx.Graph, m: GemmMatch, config: Config, target: str) -> fx.Node:
-    provenance = f"rewrite_gemms:{m.site.label}"
+class _Nodes:
+    """Builds the nodes that replace one GEMM: each inserted before it, with its metadata."""
 
-    def call(target: object, *args: object) -> fx.Node:
-        return insert_call(graph, target, args, like=m.node, provenance=provenance)
+    def __init__(self, graph: fx.Graph, m: GemmMatch) -> None:
+        self.graph, self.gemm, self.provenance = graph, m.node, f"rewrite_gemms:{m.site.label}"
 
-    def multi(target: object, *args: object) -> list[fx.Node]:
-        return insert_multi(graph, target, args, like=m.node, provenance=provenance)
+    def call(self, target: object, *args: object) -> fx.Node:
+        return insert_call(self.graph, target, args, like=self.gemm, provenance=self.provenance)
 
-    def transposed(node: fx.Node) -> fx.Node:
-        return call(aten.permute.default, node, [1, 0] if node.meta["val"].dim() == 2 else [0, 2, 1])
+    def multi(self, target: object, *args: object) -> list[fx.Node]:
+        return insert_multi(self.graph, target, args, like=self.gemm, provenance=self.provenance)
 
-    def materialize(op: Operand) -> fx.Node:
-        return transposed(op.node) if op.transposed else op.node
+    def transposed(self, node: fx.Node) -> fx.Node:
+        return self.call(aten.permute.default, node, [1, 0] if node.meta["val"].dim() == 2 else [0, 2, 1])
 
-    def transpose_of(op: Operand) -> fx.Node:
-        return op.node if op.transposed else transposed(op.node)
+    def materialize(self, op: Operand) -> fx.Node:
+        return self.transposed(op.node) if op.transposed else op.node
 
-    def with_bias(out: fx.Node) -> fx.Node:
-        return out if m.bias is None else call(aten.add.Tensor, out, m.bias)
+    def transpose_of(self, op: Operand) -> fx.Node:
+        return op.node if op.transposed else self.transposed(op.node)
 
-    mode, sm90 = config.scale_mode, target == "sm90"
-    if target == "sm100":
-        return with_bias(_emit_sm100(m, mode, _Builders(call, multi, transposed, materialize, transpose_of)))
+
+def _quantize_mx(m: GemmMatch, mode: str, n: _Nodes) -> tuple[fx.Node, ...]:
+    """The MX operands of the emulated and sm100 targets, as the quantize ops return them.
+
+    2Dx2D: ``(qa, sa, qb, sb, padded_offs)``, A's (M, N) token-major transpose and B (M, K) along
+    tokens per group. 2Dx3D and dense: ``(qa, sa, qbt, sbt, offs)``, A and B's transpose along K.
+    """
     if m.site.layout is Layout.GROUPED_2D2D:
-        # A is (N, M): quantize its token-major transpose (M, N), then view the result back.
-        if sm90:  # one kernel per operand writes it rebased with tokens contiguous: (N, Mp), (K, Mp)
-            qa, sa, padded_offs = multi(mxfp8.quantize_rebase_token_groups.default, transpose_of(m.a), m.offs, mode)
-            qbt, sb, _ = multi(mxfp8.quantize_rebase_token_groups.default, materialize(m.b), m.offs, mode)
-            return call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, transposed(qbt), sb, padded_offs,
-                        m.out_dtype, config.fast_accum)
-        qa, sa, padded_offs = multi(mxfp8.quantize_token_groups.default, transpose_of(m.a), m.offs, mode)
-        qb, sb, _ = multi(mxfp8.quantize_token_groups.default, materialize(m.b), m.offs, mode)
-        return call(
-            mxfp8.scaled_grouped_mm.default, transposed(qa), transposed(sa), qb, sb, padded_offs, m.out_dtype
-        )
-    b_t = transpose_of(m.b)
-    dense = m.site.layout is Layout.DENSE
-    if sm90:  # quantize and rebase in one kernel per operand
-        qa, sa = multi(mxfp8.quantize_rebase.default, materialize(m.a), mode)
-        qbt, sb = multi(mxfp8.quantize_rebase.default, b_t, mode)
-        gemm = mxfp8.scaled_mm_rowwise.default if dense else mxfp8.scaled_grouped_mm_rowwise.default
-        args = (m.out_dtype, config.fast_accum) if dense else (m.offs, m.out_dtype, config.fast_accum)
-        return with_bias(call(gemm, qa, sa, transposed(qbt), sb, *args))
-    qa, sa = multi(mxfp8.quantize.default, materialize(m.a), -1, mode)
-    qbt, sbt = multi(mxfp8.quantize.default, b_t, -1, mode)
-    if dense:
-        out = call(mxfp8.scaled_mm.default, qa, sa, transposed(qbt), transposed(sbt), m.out_dtype)
-    else:
-        out = call(mxfp8.scaled_grouped_mm.default, qa, sa, transposed(qbt), transposed(sbt), m.offs, m.out_dtype)
-    return with_bias(out)
+        qa, sa, padded_offs = n.multi(mxfp8.quantize_token_groups.default, n.transpose_of(m.a), m.offs, mode)
+        qb, sb, _ = n.multi(mxfp8.quantize_token_groups.default, n.materialize(m.b), m.offs, mode)
+        return qa, sa, qb, sb, padded_offs
+    qa, sa = n.multi(mxfp8.quantize.default, n.materialize(m.a), -1, mode)
+    qbt, sbt = n.multi(mxfp8.quantize.default, n.transpose_of(m.b), -1, mode)
+    return qa, sa, qbt, sbt, m.offs
 
 
-class _Builders(NamedTuple):
-    """``_emit``'s node builders for one GEMM, handed to the emitter of a single target."""
+def _emit_emulated(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
+    """MX operands with their scales as they are (no rearrange), the emulated GEMMs."""
+    qa, sa, qb, sb, offs = _quantize_mx(m, config.scale_mode, n)
+    if m.site.layout is Layout.GROUPED_2D2D:  # A back to (N, Mp)
+        return n.call(mxfp8.scaled_grouped_mm.default, n.transposed(qa), n.transposed(sa), qb, sb, offs, m.out_dtype)
+    b = (n.transposed(qb), n.transposed(sb))  # B^T quantized, viewed back as B
+    if m.site.layout is Layout.DENSE:
+        return n.call(mxfp8.scaled_mm.default, qa, sa, *b, m.out_dtype)
+    return n.call(mxfp8.scaled_grouped_mm.default, qa, sa, *b, offs, m.out_dtype)
 
-    call: Callable[..., fx.Node]
-    multi: Callable[..., list[fx.Node]]
-    transposed: Callable[[fx.Node], fx.Node]
-    materialize: Callable[[Operand], fx.Node]
-    transpose_of: Callable[[Operand], fx.Node]
+
+def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
+    """Quantize and rebase in one kernel per operand, then the FP8 rowwise GEMMs."""
+    mode = config.scale_mode
+    if m.site.layout is Layout.GROUPED_2D2D:  # the kernel writes tokens contiguous: (N, Mp), (K, Mp)
+        qa, sa, padded_offs = n.multi(mxfp8.quantize_rebase_token_groups.default, n.transpose_of(m.a), m.offs, mode)
+        qbt, sb, _ = n.multi(mxfp8.quantize_rebase_token_groups.default, n.materialize(m.b), m.offs, mode)
+        return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, padded_offs,
+                      m.out_dtype, config.fast_accum)
+    qa, sa = n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
+    qbt, sb = n.multi(mxfp8.quantize_rebase.default, n.transpose_of(m.b), mode)
+    if m.site.layout is Layout.DENSE:
+        return n.call(mxfp8.scaled_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.out_dtype, config.fast_accum)
+    return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.offs, m.out_dtype,
+                  config.fast_accum)
 
 
-def _emit_sm100(m: GemmMatch, mode: str, b: _Builders) -> fx.Node:
-    """The sm100 rewrite of one GEMM (its bias not added): the emulated target's MX operands,
-    their scales rearranged into the blocked layouts torch's MX GEMMs read, then the
-    blocked-scale GEMM."""
+def _emit_sm100(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
+    """The emulated target's MX operands, their scales rearranged into the blocked layouts
+    torch's MX GEMMs read, then the blocked-scale GEMM."""
+    qa, sa, qb, sb, offs = _quantize_mx(m, config.scale_mode, n)
     if m.site.layout is Layout.GROUPED_2D2D:
         # Both operands along tokens, padded per group; each group's scale columns blocked alone.
-        qa, sa, padded_offs = b.multi(mxfp8.quantize_token_groups.default, b.transpose_of(m.a), m.offs, mode)
-        qb, sb, _ = b.multi(mxfp8.quantize_token_groups.default, b.materialize(m.b), m.offs, mode)
-        sa_blocked = b.call(mxfp8.to_blocked_k_groups.default, b.transposed(sa), padded_offs)
-        sb_blocked = b.call(mxfp8.to_blocked_k_groups.default, b.transposed(sb), padded_offs)
-        return b.call(
-            mxfp8.scaled_grouped_mm_blocked.default, b.transposed(qa), sa_blocked, qb, sb_blocked, padded_offs,
-            m.out_dtype,
-        )
-    qa, sa = b.multi(mxfp8.quantize.default, b.materialize(m.a), -1, mode)
-    qbt, sbt = b.multi(mxfp8.quantize.default, b.transpose_of(m.b), -1, mode)
-    sb_blocked = b.call(mxfp8.to_blocked.default, sbt)  # (.., N, K/32): per expert for 3D B
+        sa_blocked = n.call(mxfp8.to_blocked_k_groups.default, n.transposed(sa), offs)
+        sb_blocked = n.call(mxfp8.to_blocked_k_groups.default, n.transposed(sb), offs)
+        return n.call(mxfp8.scaled_grouped_mm_blocked.default, n.transposed(qa), sa_blocked, qb, sb_blocked, offs,
+                      m.out_dtype)
+    sb_blocked = n.call(mxfp8.to_blocked.default, sb)  # B^T's scales (.., N, K/32): per expert for 3D B
     if m.site.layout is Layout.DENSE:
-        sa_blocked = b.call(mxfp8.to_blocked.default, sa)
-        return b.call(mxfp8.scaled_mm_blocked.default, qa, sa_blocked, b.transposed(qbt), sb_blocked, m.out_dtype)
+        sa_blocked = n.call(mxfp8.to_blocked.default, sa)
+        return n.call(mxfp8.scaled_mm_blocked.default, qa, sa_blocked, n.transposed(qb), sb_blocked, m.out_dtype)
     # Token groups stay ragged: each group's A scales are blocked from a 128-row tile of its own.
-    sa_blocked = b.call(mxfp8.to_blocked_m_groups.default, sa, m.offs)
-    return b.call(
-        mxfp8.scaled_grouped_mm_blocked.default, qa, sa_blocked, b.transposed(qbt), sb_blocked, m.offs, m.out_dtype
-    )
+    sa_blocked = n.call(mxfp8.to_blocked_m_groups.default, sa, offs)
+    return n.call(mxfp8.scaled_grouped_mm_blocked.default, qa, sa_blocked, n.transposed(qb), sb_blocked, offs,
+                  m.out_dtype)
+
+
+_EMITTERS: dict[str, Callable[[GemmMatch, Config, _Nodes], fx.Node]] = {
+    "emulated": _emit_emulated, "sm90": _emit_sm90, "sm100": _emit_sm100,
+}
 
 
 def _replace(graph: fx.Graph, m: GemmMatch, new: fx.Node) -> None:

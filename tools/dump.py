@@ -62,13 +62,18 @@ class GraphDump:
 class DumpResult:
     graphs: list[GraphDump]
     summary: str
-    saved_bytes: tuple[Size, Size] | None  # saved for backward: bf16 compile, with the plugin
+    # saved for backward per dtype: bf16 compile, with the plugin (None without --train)
+    saved_by_dtype: tuple[dict[str, Size], dict[str, Size]] | None
     out: Path | None
-    saved_by_dtype: tuple[dict[str, Size], dict[str, Size]] | None = None  # the same, per dtype
 
     @property
     def reports(self) -> list[PassReport]:
         return [g.report for g in self.graphs]
+
+    @property
+    def saved_bytes(self) -> tuple[Size, Size] | None:
+        """Saved for backward in all: bf16 compile, with the plugin."""
+        return _totals(self.saved_by_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,13 +116,12 @@ def dump(
     if not any(r.entries for r in new_reports):
         raise DumpError(f"{name}: no GEMM (_grouped_mm, mm, addmm) in the compiled graphs, nothing to convert")
 
-    saved = by_dtype = None
+    by_dtype = None
     if train:  # over every backward graph: a graph break makes several
         by_dtype = tuple(saved_for_backward(gm for kind, gm in run if kind == "backward")
                          for run in (baseline_graphs, graphs))
-        saved = tuple(sum(d.values()) for d in by_dtype)
     summary = _summary(name, mode, dumps, by_dtype, baseline_graphs, graphs)
-    result = DumpResult(dumps, summary, saved, Path(out) if out is not None else None, by_dtype)
+    result = DumpResult(dumps, summary, by_dtype, Path(out) if out is not None else None)
     if out is not None:
         _write(result, Path(out))
     return result
@@ -163,6 +167,10 @@ def _format_size(n: Size) -> str:
         return format_bytes(int(n))
     constant, rest = n.as_coeff_Add()
     return f"{format_bytes(int(constant))} + {rest} B" if constant else f"{rest} B"
+
+
+def _totals(by_dtype: tuple[dict[str, Size], dict[str, Size]] | None) -> tuple[Size, Size] | None:
+    return None if by_dtype is None else (sum(by_dtype[0].values()), sum(by_dtype[1].values()))
 
 
 def saved_for_backward(backwards: Iterable[fx.GraphModule]) -> dict[str, Size]:
@@ -221,7 +229,7 @@ def _summary(
     lines.append(f"operands of the converted GEMMs: {format_bytes(before)} -> {format_bytes(after)}")
     lines.append(_a2a_line(reports, baseline, graphs))
     if saved is not None:
-        before, after = (sum(d.values()) for d in saved)
+        before, after = _totals(saved)
         lines.append(f"saved for backward: {_format_size(before)} (bf16 compile) -> {_format_size(after)} (with the plugin)")
         lines.append("  by dtype: " + ", ".join(
             f"{dtype} {_format_size(saved[0].get(dtype, 0))} -> {_format_size(saved[1].get(dtype, 0))}"

@@ -4,8 +4,8 @@ Same run, same shapes, same inputs: router, top-1 routing, SiLU-gated experts th
 ``torch._grouped_mm``, no shared expert. Timed with ``triton.testing.do_bench`` (median) over
 rotating inputs after warm-up; compile times with Inductor's caches off; the peak memory of one
 step (``torch.cuda.max_memory_allocated`` after a reset, less what was allocated before the step).
-``--checkpoint`` wraps the layer in full activation checkpointing for both compilations. The GEMMs alone are in bench_gemms.py, where the
-time goes in profile_moe_layer.py.
+``--checkpoint`` wraps the layer in full activation checkpointing for both compilations. The
+GEMMs alone are in bench_gemms.py, where the time goes in profile_moe_layer.py.
 
     python benchmarks/bench_moe_layer.py --shapes deepseek_v3 llama4_scout --tokens 16384 [--checkpoint]
 

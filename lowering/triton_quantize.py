@@ -1,13 +1,19 @@
-"""Triton cast kernels, bit-exact against ``mxfp8_compile.numerics``.
+"""Triton cast kernels, bit-exact against ``mxfp8_compile.numerics``: MX-quantize, then rebase
+(the SM90 path's operand preparation).
 
-``quantize_rebase_rows``: MX-quantize each row of ``x`` in blocks of 32 along its last dim and
-rebase the row to its largest block scale (the SM90 path's operand preparation), in one kernel.
-Each program owns BLOCK_R rows: a first sweep over K finds every block scale and the row's
-largest; a second sweep (re-reading x, mostly from L2) quantizes each block with its own scale
-and shifts it to the row's, writing e4m3 once. On the GPU the hardware cast rounds to e4m3
+``quantize_rebase_rows``: blocks of 32 along the last dim, each row rebased to its largest block
+scale. One program a row; a row up to ``MAX_ONE_READ_K`` long is read once, a longer one in two
+sweeps (scales, then data). A transposed view goes to the column kernels instead.
+``quantize_rebase_token_groups``: blocks of 32 along dim 0 within token groups, each group
+zero-padded to 32 rows and rebased per (group, column), written transposed (tokens contiguous):
+two launches parallel over (column tiles, groups, row chunks), the group amax per column by
+atomics, then the cast.
+All share the math: ``_e8m0`` (scale bytes from an amax), ``_quantize_shifted`` (quantize with a
+block's scale, shift to the rebased one). On the GPU the hardware cast rounds to e4m3
 (``cvt.rn.satfinite``); under the Triton interpreter, whose float8 cast does not round to
 nearest-even, exact integer arithmetic does (``_round_e4m3``). Both are checked bit for bit
-against numerics: the GPU path in test_gpu.py, the integer path in CI.
+against numerics: the GPU path in test_gpu.py, the integer path in CI. The Inductor template of
+lowering/inductor_quantize.py reuses the row math (``_row_scales``, ``_quantize_rebase_tile``).
 """
 
 from __future__ import annotations
@@ -55,13 +61,6 @@ def _e8m0(amax, has_nan, RCEIL: tl.constexpr):
 def _abs_max(x, axis: tl.constexpr):
     """``(max |x|, any NaN)`` along ``axis``; tl.max may drop NaN (triton#11111)."""
     return tl.max(tl.abs(x), axis=axis), tl.max((x != x).to(tl.int32), axis=axis) > 0
-
-
-@triton.jit
-def _block_scales(x, BLOCK_R: tl.constexpr, NUM_BLOCKS: tl.constexpr, RCEIL: tl.constexpr):
-    """E8M0 bytes (int32, BLOCK_R x NUM_BLOCKS) of the 32-wide blocks along x's rows."""
-    amax, has_nan = _abs_max(tl.reshape(x, (BLOCK_R, NUM_BLOCKS, 32)), 2)
-    return _e8m0(amax, has_nan, RCEIL)
 
 
 @triton.jit
@@ -202,9 +201,9 @@ def quantize_rebase_rows(
     Input: ``x`` (..., K) bf16/fp16/fp32 on CUDA, any strides (2D and 3D views are read in
     place), K a multiple of 32. Output: ``(rebased (..., K) e4m3 contiguous, row scales (...) u8)``.
     ``tile``: ``(BLOCK_R, BLOCK_K, num_warps)``, by default ``row_tile(K)``: one row a program,
-    the whole row in one tile up to ``MAX_ONE_READ_K`` (benchmarks/RESULTS.md). A transposed view (``x.mT`` contiguous: a weight cast along its
-    other dim) goes to the column kernel instead, one row group per batch, so that its loads
-    run along the contiguous dim.
+    the whole row in one tile up to ``MAX_ONE_READ_K`` (benchmarks/RESULTS.md). A transposed
+    view (``x.mT`` contiguous: a weight cast along its other dim) goes to the column kernels
+    instead, one row group per batch, so that its loads run along the contiguous dim.
     """
     check_high_precision("x", x)
     check_block_dim("x", x, -1)

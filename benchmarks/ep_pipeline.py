@@ -127,12 +127,12 @@ def numerics(bf16: torch.nn.Module, mx: torch.nn.Module, x: torch.Tensor, grad: 
 
 def wire_bytes(report: PassReport | None, rows: int, dim: int) -> tuple[int, int]:
     """Token bytes one rank sends in one step, bf16 and with the plugin: the four token
-    all-to-alls (dispatch and combine, forward and backward) of ``rows`` rows each; those the
-    plugin moved quantization ahead of carry its bytes per row, the rest bf16 rows."""
-    bf16_row = dim * 2
-    hoisted = [h for h in report.hoists if h.hoisted] if report else []
-    after = sum(h.site.row_bytes_after for h in hoisted) + (4 - len(hoisted)) * bf16_row
-    return 4 * bf16_row * rows, after * rows
+    all-to-alls (dispatch and combine, forward and backward) of ``rows`` rows each; those whose
+    rows feed quantized GEMMs as the report counts them, the rest bf16 rows."""
+    fed = report.hoists if report else []
+    before, after = report.wire_row_bytes() if report else (0, 0)
+    others = (4 - len(fed)) * dim * 2
+    return (before + others) * rows, (after + others) * rows
 
 
 def run_case(shape: str, tokens: int, routing: str, args: argparse.Namespace, device: torch.device) -> dict:

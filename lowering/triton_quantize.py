@@ -6,8 +6,8 @@ scale. One program a row; a row up to ``MAX_ONE_READ_K`` long is read once, a lo
 sweeps (scales, then data). A transposed view goes to the column kernels instead.
 ``quantize_rebase_token_groups``: blocks of 32 along dim 0 within token groups, each group
 zero-padded to 32 rows and rebased per (group, column), written transposed (tokens contiguous):
-two launches parallel over (column tiles, groups, row chunks), the group amax per column by
-atomics, then the cast.
+two launches parallel over (row chunks of every group, column tiles), the group amax per column
+by atomics, then the cast of the transposed tile with the row kernel's math.
 All share the math: ``_e8m0`` (scale bytes from an amax), ``_quantize_shifted`` (quantize with a
 block's scale, shift to the rebased one). On the GPU the hardware cast rounds to e4m3
 (``cvt.rn.satfinite``); under the Triton interpreter, whose float8 cast does not round to
@@ -231,20 +231,35 @@ def quantize_rebase_rows(
 
 
 @triton.jit
-def _group_layout(offs_ptr, group, G, Mp, BLOCK_G: tl.constexpr):
-    """Where row group ``group`` lies before and after padding each group to a multiple of 32
-    rows: ``(start, size, padded_start, padded_size, padded_ends (BLOCK_G,))``. Group G is the
-    tail: no rows of x, padded rows from the end of the last group up to Mp."""
+def _group_layout(offs_ptr, G, Mp, BLOCK_G: tl.constexpr):
+    """Where the row groups lie before and after padding each to a multiple of 32 rows, one
+    entry per group g < BLOCK_G: ``(starts, sizes, padded_starts, padded_sizes)``. Entry G is
+    the tail (no rows of x, padded rows from the end of the last group up to Mp); entries past
+    it are empty. Padded starts and sizes are multiples of 32 (Mp is)."""
     g = tl.arange(0, BLOCK_G)
     ends = tl.load(offs_ptr + g, mask=g < G, other=0)
     starts = tl.load(offs_ptr + g - 1, mask=(g > 0) & (g < G), other=0)
     sizes = ends - starts
     padded_sizes = (sizes + 31) // 32 * 32
-    padded_ends = tl.cumsum(padded_sizes, axis=0)
-    mine = g == group
-    padded_start = tl.where(group == G, tl.sum(padded_sizes), tl.sum(tl.where(mine, padded_ends - padded_sizes, 0)))
-    padded_size = tl.where(group == G, Mp - padded_start, tl.sum(tl.where(mine, padded_sizes, 0)))
-    return tl.sum(tl.where(mine, starts, 0)), tl.sum(tl.where(mine, sizes, 0)), padded_start, padded_size, padded_ends
+    padded_starts = tl.cumsum(padded_sizes, axis=0) - padded_sizes
+    padded_sizes = tl.where(g == G, Mp - padded_starts, padded_sizes)
+    return starts, sizes, padded_starts, padded_sizes
+
+
+@triton.jit
+def _chunk_owner(slot, chunks, BLOCK_G: tl.constexpr):
+    """``(group, chunk)``: work item ``slot`` of the items laid end to end, ``chunks[g]`` of
+    them for group g; group BLOCK_G past the last. Keeps the grid as large as the work, however
+    the rows fall into groups."""
+    ends = tl.cumsum(chunks, axis=0)
+    group = tl.sum((ends <= slot).to(tl.int32), axis=0)
+    return group, slot - tl.sum(tl.where(tl.arange(0, BLOCK_G) == group, ends - chunks, 0), axis=0)
+
+
+@triton.jit
+def _of_group(values, group, BLOCK_G: tl.constexpr):
+    """``values[group]`` of a (BLOCK_G,) vector."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK_G) == group, values, 0), axis=0)
 
 
 # NaN in an amax buffer of fp32 bit patterns: above +Inf, so atomic_max keeps it
@@ -258,12 +273,14 @@ def _column_amax_kernel(
     stride_xm, stride_xk,
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (k, g, c): the amax of columns [k*BLOCK_K, +BLOCK_K) over rows chunk c of group g,
-    folded into the group's amax with an atomic max (NaN as a bit pattern above Inf)."""
-    group, chunk = tl.program_id(1), tl.program_id(2)
-    start, size, _, _, _ = _group_layout(offs_ptr, group, G, 0, BLOCK_G)
-    if chunk * BLOCK_M < size:
-        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Program (s, k): work item s, a chunk of BLOCK_M rows of one group (``_chunk_owner``),
+    columns [k*BLOCK_K, +BLOCK_K); its amax per column folded into the group's with an atomic
+    max (NaN as a bit pattern above Inf)."""
+    starts, sizes, _, _ = _group_layout(offs_ptr, G, 0, BLOCK_G)
+    group, chunk = _chunk_owner(tl.program_id(0), tl.cdiv(sizes, BLOCK_M), BLOCK_G)
+    if group < G:
+        start, size = _of_group(starts, group, BLOCK_G), _of_group(sizes, group, BLOCK_G)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows < size)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
@@ -282,39 +299,38 @@ def _quantize_rebase_columns_kernel(
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    """Program (k, g, c): padded rows chunk c of group g, columns [k*BLOCK_K, +BLOCK_K): quantize
-    each 32-row block, shift it to the group's column scale, write element (padded row p, column
-    k) transposed at ``p_start * stride_out_group + k * stride_out_col + (p - p_start)``, where
-    ``p_start`` is the group's first padded row. Rows past a group's own are its zero padding;
-    group G zero-fills the rows past the last group."""
-    group, chunk = tl.program_id(1), tl.program_id(2)
-    start, size, padded_start, padded_size, padded_ends = _group_layout(offs_ptr, group, G, Mp, BLOCK_G)
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Program (s, k): work item s, a chunk of BLOCK_M padded rows of one group (groups 0..G,
+    the tail G included, each at least one chunk so that empty groups write their scales),
+    columns [k*BLOCK_K, +BLOCK_K). Transposes the tile, quantizes each 32-row block as the row
+    kernel does, shifted to the group's column scale, and writes element (padded row p, column
+    k) at ``p_start * stride_out_group + k * stride_out_col + (p - p_start)``, where ``p_start``
+    is the group's first padded row. Rows past a group's own are its zero padding; the tail
+    zero-fills the rows past the last group."""
+    g = tl.arange(0, BLOCK_G)
+    starts, sizes, padded_starts, padded_sizes = _group_layout(offs_ptr, G, Mp, BLOCK_G)
+    chunks = tl.where(g <= G, tl.maximum(tl.cdiv(padded_sizes, BLOCK_M), 1), 0)
+    group, chunk = _chunk_owner(tl.program_id(0), chunks, BLOCK_G)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
-    if (tl.program_id(0) == 0) & (group == 0) & (chunk == 0):
-        g = tl.arange(0, BLOCK_G)
-        tl.store(padded_offs_ptr + g, padded_ends, mask=g < G)
-    active = chunk * BLOCK_M < padded_size
-    if active | (chunk == 0):  # chunk 0 also writes the group's scales, empty groups' included
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(padded_offs_ptr + g, padded_starts + padded_sizes, mask=g < G)
+    if group <= G:
         bits = tl.zeros([BLOCK_K], dtype=tl.int32)  # the tail has no rows: scale 0
         if group < G:
             bits = tl.load(amax_ptr + group.to(tl.int64) * K + cols, mask=col_mask, other=0)
         group_scale = _e8m0(bits.to(tl.float32, bitcast=True), bits > 0x7F800000, RCEIL)
         if (chunk == 0) & (group < G):
             tl.store(scale_ptr + group.to(tl.int64) * K + cols, group_scale.to(tl.uint8), mask=col_mask)
-        if active:
-            rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask = (rows < size)[:, None] & col_mask[None, :]
-            x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
-                        mask=mask, other=0.0)
-            NUM_BLOCKS: tl.constexpr = BLOCK_M // 32
-            blocks = tl.reshape(x.to(tl.float32), (NUM_BLOCKS, 32, BLOCK_K))
-            amax, has_nan = _abs_max(blocks, 1)
-            scale = _e8m0(amax, has_nan, RCEIL)  # (NUM_BLOCKS, BLOCK_K)
-            q = _quantize_shifted(blocks, scale[:, None, :], group_scale[None, None, :], HW_CAST)
-            out = tl.trans(tl.reshape(q, (BLOCK_M, BLOCK_K)))
-            out_cols = out_ptr + padded_start.to(tl.int64) * stride_out_group + cols.to(tl.int64)[:, None] * stride_out_col
-            tl.store(out_cols + rows[None, :], out, mask=col_mask[:, None] & (rows < padded_size)[None, :])
+        start, size = _of_group(starts, group, BLOCK_G), _of_group(sizes, group, BLOCK_G)
+        # multiples of 32: the transposed stores run 16 bytes wide
+        padded_start = tl.multiple_of(_of_group(padded_starts, group, BLOCK_G), 32)
+        padded_size = tl.multiple_of(_of_group(padded_sizes, group, BLOCK_G), 32)
+        rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
+                    mask=(rows < size)[:, None] & col_mask[None, :], other=0.0)
+        q = _quantize_rebase_tile(tl.trans(x), group_scale, BLOCK_K, BLOCK_M, RCEIL, HW_CAST)
+        out_cols = out_ptr + padded_start.to(tl.int64) * stride_out_group + cols.to(tl.int64)[:, None] * stride_out_col
+        tl.store(out_cols + rows[None, :], q, mask=col_mask[:, None] & (rows < padded_size)[None, :])
 
 
 def _quantize_rebase_columns(
@@ -327,8 +343,8 @@ def _quantize_rebase_columns(
     transposed as ``_quantize_rebase_columns_kernel`` says. Returns ``(group scales (G, K) u8,
     padded offs (G,) int32)``.
 
-    Two kernels, each parallel over (column tiles, groups, row chunks), so that one large group
-    (skewed routing) still spreads over the GPU: the group amax per column, then the cast.
+    Two kernels, each parallel over (row chunks of every group, column tiles), so that one large
+    group (skewed routing) still spreads over the GPU: the group amax per column, then the cast.
     """
     k = x.shape[1]
     groups = offs.shape[0]
@@ -339,15 +355,16 @@ def _quantize_rebase_columns(
     block_m, block_k, num_warps = tile or (128, 64, 4)
     block_k = max(min(block_k, triton.next_power_of_2(k)), 16)
     amax = torch.zeros(groups, k, dtype=torch.int32, device=x.device)
-    # a group holds at most all rows, or all padded rows for the tail
-    chunks = triton.cdiv(max(x.shape[0], padded_rows, 1), block_m)
+    column_tiles = triton.cdiv(k, block_k)
     block_g = triton.next_power_of_2(groups + 1)
+    # Upper bounds of the work items: each group adds at most one partial chunk (and the cast
+    # gives each of groups + 1, the tail included, at least one)
     if groups:
-        _column_amax_kernel[(triton.cdiv(k, block_k), groups, chunks)](
+        _column_amax_kernel[(triton.cdiv(x.shape[0], block_m) + groups, column_tiles)](
             x, offs, amax, k, groups, x.stride(0), x.stride(1),
             BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         )
-    _quantize_rebase_columns_kernel[(triton.cdiv(k, block_k), groups + 1, chunks)](
+    _quantize_rebase_columns_kernel[(triton.cdiv(padded_rows, block_m) + groups + 1, column_tiles)](
         x, offs, amax, out.view(torch.uint8), scales, padded_offs, k, padded_rows, groups,
         x.stride(0), x.stride(1), stride_out_group, stride_out_col,
         BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k,

@@ -20,13 +20,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from bench_gemms import group_ends
+from bench_gemms import group_ends, rotating
 from mxfp8_compile import ops
 from mxfp8_compile.lowering import triton_quantize
 from mxfp8_compile.numerics import padded_rows_bound
 
 SHAPES = [(16384, 5120), (32768, 5120), (65536, 7168), (16384, 7168), (16384, 2048)]
-ROTATING = 3
 # tiles tried by --sweep: (BLOCK_R, BLOCK_K, warps) of the row kernel, (BLOCK_M, BLOCK_K, warps)
 # of the column kernel (token groups; transposed views use its default)
 ROW_TILES = [(1, 2048, 4), (1, 8192, 4), (1, 8192, 8), (1, 8192, 16), (2, 8192, 16)]
@@ -48,14 +47,8 @@ def main() -> None:
     rows = []
     print("| kernel | M x K | copy TB/s | ms | TB/s | of copy |\n|---|---|---|---|---|---|")
     for m, k in SHAPES:
-        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(ROTATING)]
-        dst = torch.empty_like(xs[0])
-        i = {"i": 0}
-
-        def nxt() -> torch.Tensor:
-            i["i"] = (i["i"] + 1) % ROTATING
-            return xs[i["i"]]
-
+        nxt = rotating(m, k)
+        dst = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
         copy_bw = 2 * m * k * 2 / _time(lambda: dst.copy_(nxt())) / 1e9  # TB/s: read + write
         row_bytes = m * k * 2 + m * k + m
         kernels: dict[str, tuple[Callable[..., object], float, list]] = {
@@ -80,7 +73,7 @@ def main() -> None:
                     ts = _time(lambda: run(tile))
                     print(f"|   tile {tile[0]}x{tile[1]}, {tile[2]} warps | | | {ts:.3f} | {moved / ts / 1e9:.2f} | "
                           f"{moved / ts / 1e9 / copy_bw:.0%} |", flush=True)
-        del xs, dst
+        del nxt, dst
     # the op dispatches to the same kernel: check nothing is lost on the way
     x = torch.randn(16384, 5120, device="cuda", dtype=torch.bfloat16)
     t_op, t_kernel = _time(lambda: ops.quantize_rebase(x)), _time(lambda: triton_quantize.quantize_rebase_rows(x))

@@ -45,7 +45,9 @@ def group_ends(tokens: int, experts: int, routing: str) -> torch.Tensor:
     return torch.cumsum(sizes, 0).to(device="cuda", dtype=torch.int32)
 
 
-def _rotating(*shape: int, scale: float = 1.0) -> Callable[[], torch.Tensor]:
+def rotating(*shape: int, scale: float = 1.0) -> Callable[[], torch.Tensor]:
+    """A function returning the next of ``ROTATING`` random bf16 tensors of ``shape`` on the GPU,
+    so that timed runs read from memory, not from L2."""
     tensors = [torch.randn(*shape, device="cuda", dtype=BF16) * scale for _ in range(ROTATING)]
     state = {"i": 0}
 
@@ -63,7 +65,7 @@ def _time(fn: Callable[[], object]) -> float:
 def expert_gemms(shape: str, tokens: int, experts: int, routing: str) -> list[dict]:
     k, n = SHAPES[shape]["dim"], SHAPES[shape]["expert_hidden"]
     offs = group_ends(tokens, experts, routing)
-    x, dy_fwd, dy_bwd = _rotating(tokens, k), _rotating(tokens, n), _rotating(tokens, n)
+    x, dy_fwd, dy_bwd = rotating(tokens, k), rotating(tokens, n), rotating(tokens, n)
     w = torch.randn(experts, n, k, device="cuda", dtype=BF16) * 0.02
 
     def forward_fp8() -> torch.Tensor:
@@ -107,7 +109,7 @@ def expert_gemms(shape: str, tokens: int, experts: int, routing: str) -> list[di
 
 def dense_gemms(shape: str, tokens: int) -> list[dict]:
     k = SHAPES[shape]["dim"]
-    x, dy = _rotating(tokens, k), _rotating(tokens, k)
+    x, dy = rotating(tokens, k), rotating(tokens, k)
     w = torch.randn(k, k, device="cuda", dtype=BF16) * 0.02  # nn.Linear weight (out, in)
 
     def fp8(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:  # a (M, K) @ b (K, N), b_t = b^T

@@ -33,10 +33,16 @@ def mxfp8_backend(
 
 
 def backend(
-    config: Config | None = None, *, inductor: bool = True, on_graph: GraphSink | None = None
+    config: Config | None = None,
+    *,
+    mode: str | None = None,
+    inductor: bool = True,
+    on_graph: GraphSink | None = None,
 ) -> Callable[[fx.GraphModule, list[torch.Tensor]], CompiledFn]:
     """A backend callable for ``torch.compile(model, backend=backend(config))``.
 
+    ``mode`` is Inductor's (``"max-autotune-no-cudagraphs"``, ...): ``torch.compile`` takes a
+    ``mode`` or ``options``, not both, so a Config and a mode together come this way.
     ``inductor=False`` runs the same passes under AOTAutograd without Inductor code generation
     (fast tests, debugging); ``on_graph(kind, gm)`` then sees the rewritten joint graph
     (``"joint"``) and each final graph (``"forward"``, ``"backward"`` or ``"inference"``).
@@ -47,7 +53,9 @@ def backend(
     if inductor:
         if on_graph is not None:
             raise ValueError("on_graph is only available with inductor=False")
-        return lambda gm, example_inputs: _compile_with_inductor(gm, example_inputs, config, None)
+        return lambda gm, example_inputs: _compile_with_inductor(gm, example_inputs, config, mode)
+    if mode is not None:
+        raise ValueError(f"mode={mode!r} is Inductor's: it needs inductor=True")
     return aot_backend(config, on_graph)
 
 

@@ -77,6 +77,28 @@ def test_options_map_onto_config() -> None:
     assert mxfp8_compile.last_report().config == repr(seen["config"])
 
 
+@pytest.mark.usefixtures("no_compile_caches")
+def test_backend_takes_a_config_and_an_inductor_mode_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.compile refuses mode= with options=; backend(config, mode=...) carries both
+    from torch._inductor import compile_fx
+
+    seen = []
+    real = compile_fx.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches))
+        return real(gm, example_inputs, **kwargs)  # compiled without the mode: only the patches are checked
+
+    monkeypatch.setattr(compile_fx, "compile_fx", spy)
+    moe, x = _moe_layer()
+    with torch.no_grad():
+        torch.compile(moe, backend=mxfp8_compile.backend(Config(scale_mode="floor"), mode="max-autotune-no-cudagraphs"))(x)
+    assert seen and seen[0]["max_autotune"] is True and "triton.cudagraphs" not in seen[0]
+    assert "joint_custom_pre_pass" in seen[0]
+    with pytest.raises(ValueError, match="mode='max-autotune' is Inductor's: it needs inductor=True"):
+        mxfp8_compile.backend(mode="max-autotune", inductor=False)
+
+
 def test_unknown_option_names_the_key_and_the_choices() -> None:
     moe, x = _moe_layer()
     with pytest.raises(Exception, match=r"unknown mxfp8 option 'scale'; allowed options: scale_mode, target"):

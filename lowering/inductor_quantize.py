@@ -27,7 +27,7 @@ import sympy
 import torch
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, register_lowering
-from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate, autotune_select_algorithm
+from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate, autotune_select_algorithm, realize_inputs
 from torch._inductor.virtualized import V
 
 import mxfp8_compile.ops  # noqa: F401  (defines the op lowered here)
@@ -93,7 +93,9 @@ def _opt_in_prologue(x: ir.IRNode) -> None:
 def _lower_quantize_rebase(x: ir.TensorBox, mode: str = "rceil") -> tuple[ir.TensorBox, ir.TensorBox]:
     if not _templated(x):
         return fallback_handler(_OP, add_to_fallback_set=False)(x, mode)
-    x.realize()
+    # a view (the 2D reshape of a 3D activation) becomes a ReinterpretView of its realized
+    # buffer: the template reads its input through a layout, which a plain View lacks
+    x = realize_inputs(x)
     _opt_in_prologue(x)
     rows, k = x.get_size()
     k = int(k)

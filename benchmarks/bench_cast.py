@@ -29,7 +29,7 @@ SHAPES = [(16384, 5120), (32768, 5120), (65536, 7168), (16384, 7168), (16384, 20
 # tiles tried by --sweep: (BLOCK_R, BLOCK_K, warps) of the row kernel, (BLOCK_M, BLOCK_K, warps)
 # of the column kernel (token groups; transposed views use its default)
 ROW_TILES = [(1, 2048, 4), (1, 8192, 4), (1, 8192, 8), (1, 8192, 16), (2, 8192, 16)]
-COLUMN_TILES = [(128, 64, 4), (64, 64, 4), (128, 32, 4), (256, 32, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4)]
+COLUMN_TILES = [(128, 64, 4), (32, 32, 1), (32, 64, 1), (64, 64, 1), (32, 128, 1), (64, 32, 1), (32, 64, 2), (32, 128, 2)]
 
 
 def _time(fn: Callable[[], object]) -> float:

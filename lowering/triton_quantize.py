@@ -333,6 +333,23 @@ def _quantize_rebase_columns_kernel(
         tl.store(out_cols + rows[None, :], q, mask=col_mask[:, None] & (rows < padded_size)[None, :])
 
 
+# (BLOCK_M, BLOCK_K, num_warps) of the column kernels, measured on an H100 (benchmarks/RESULTS.md).
+# The cast: one warp, one 32-row block a tile; with more warps the blocks span warps and each
+# reduction and the transpose cross them through shared memory. The amax: tall tiles, since each
+# tile ends in one atomic per column and short ones pile them onto the same addresses.
+CAST_TILE = (32, 64, 1)
+AMAX_TILE = (128, 64, 4)
+# A weight's transposed view writes rows of a power-of-two length, where one warp's narrow
+# 32-byte segments ran at half the speed of the four-warp tile
+WEIGHT_CAST_TILE = (128, 64, 4)
+
+
+def _fit(tile: tuple[int, int, int], k: int) -> tuple[int, int, int]:
+    """``tile`` with BLOCK_K no wider than k needs (and at least 16)."""
+    block_m, block_k, num_warps = tile
+    return block_m, max(min(block_k, triton.next_power_of_2(k)), 16), num_warps
+
+
 def _quantize_rebase_columns(
     x: torch.Tensor, offs: torch.Tensor, mode: str, out: torch.Tensor, padded_rows: int,
     stride_out_group: int, stride_out_col: int, tile: tuple[int, int, int] | None,
@@ -352,19 +369,18 @@ def _quantize_rebase_columns(
     padded_offs = torch.empty(groups, dtype=torch.int32, device=x.device)
     if k == 0:
         return scales, padded_offs.copy_(numerics.padded_group_offsets(offs))
-    block_m, block_k, num_warps = tile or (128, 64, 4)
-    block_k = max(min(block_k, triton.next_power_of_2(k)), 16)
     amax = torch.zeros(groups, k, dtype=torch.int32, device=x.device)
-    column_tiles = triton.cdiv(k, block_k)
     block_g = triton.next_power_of_2(groups + 1)
     # Upper bounds of the work items: each group adds at most one partial chunk (and the cast
     # gives each of groups + 1, the tail included, at least one)
     if groups:
-        _column_amax_kernel[(triton.cdiv(x.shape[0], block_m) + groups, column_tiles)](
+        block_m, block_k, num_warps = _fit(AMAX_TILE, k)
+        _column_amax_kernel[(triton.cdiv(x.shape[0], block_m) + groups, triton.cdiv(k, block_k))](
             x, offs, amax, k, groups, x.stride(0), x.stride(1),
             BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         )
-    _quantize_rebase_columns_kernel[(triton.cdiv(padded_rows, block_m) + groups + 1, column_tiles)](
+    block_m, block_k, num_warps = _fit(tile or CAST_TILE, k)
+    _quantize_rebase_columns_kernel[(triton.cdiv(padded_rows, block_m) + groups + 1, triton.cdiv(k, block_k))](
         x, offs, amax, out.view(torch.uint8), scales, padded_offs, k, padded_rows, groups,
         x.stride(0), x.stride(1), stride_out_group, stride_out_col,
         BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k,
@@ -383,7 +399,7 @@ def quantize_rebase_token_groups(
     offsets. Output: ``(rebased (K, Mp) e4m3 contiguous, group_scales (G, K) u8, padded_offs (G,)
     int32)`` with ``Mp = padded_rows_bound(M, G, 32)``: the (Mp, K) result of numerics,
     transposed, so that tokens are contiguous as the wgrad's FP8 GEMM takes both operands.
-    ``tile``: ``(BLOCK_M, BLOCK_K, num_warps)``, by default the fastest of a sweep on an H100.
+    ``tile``: ``(BLOCK_M, BLOCK_K, num_warps)`` of the cast kernel, by default ``CAST_TILE``.
     """
     check_high_precision("x", x)
     check_offsets("offs", offs)
@@ -403,5 +419,5 @@ def _quantize_rebase_transposed(x: torch.Tensor, mode: str) -> tuple[torch.Tenso
     batches = storage.shape[0] // k
     offs = torch.arange(k, k * batches + 1, k, device=x.device, dtype=torch.int32)
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales, _ = _quantize_rebase_columns(storage, offs, mode, out, k * batches, rows, k, None)
+    scales, _ = _quantize_rebase_columns(storage, offs, mode, out, k * batches, rows, k, WEIGHT_CAST_TILE)
     return out, scales.reshape(*batch, rows)

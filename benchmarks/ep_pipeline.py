@@ -164,7 +164,7 @@ def run_case(shape: str, tokens: int, routing: str, args: argparse.Namespace, de
     # the slowest rank sets the step: report each timing as its maximum over ranks, SQNR as the minimum
     for key in list(row):
         if isinstance(row[key], float) and key != "expert0_share":
-            value = torch.tensor(row[key], dtype=torch.float64)
+            value = torch.tensor(row[key], dtype=torch.float64, device=device)  # NCCL: on the GPU
             dist.all_reduce(value, op=dist.ReduceOp.MIN if key.startswith("sqnr") else dist.ReduceOp.MAX)
             row[key] = value.item()
     row["speedup"] = row["bf16_step_ms"] / row["mxfp8_step_ms"]

@@ -96,14 +96,55 @@ def heldout_loss(model: nn.Module, held: list[tuple[torch.Tensor, torch.Tensor]]
     return statistics.fmean(losses)
 
 
+def setup(name: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """(model, its compiled form for run ``name``, AdamW), the same initial weights for every run."""
+    torch.manual_seed(args.seed)
+    model = ByteLM(PRESETS[args.preset]["model"]).to(device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(model) if name == "bf16" else torch.compile(model, backend="mxfp8")
+    return model, compiled, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def train_step(model: nn.Module, compiled: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(compiled(x).float().flatten(0, 1), y.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def profile(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> None:
+    """Print where a training step's time goes: wall time, GPU kernel time, the top kernels."""
+    preset = PRESETS[args.preset]
+    model, compiled, opt = setup(name, args, device)
+    data = batches(text[0], preset["batch"], preset["seq"], seed=args.seed)
+    for _ in range(5):  # compile and warm up
+        train_step(model, compiled, opt, *(t.to(device) for t in next(data))).item()
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, compiled, opt, *(t.to(device) for t in next(data))).item()
+        wall = (time.perf_counter() - start) / steps * 1000
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name[:80]] = kernels.get(e.name[:80], 0.0) + e.device_time / steps / 1000
+    print(f"\n{name}: {wall:.1f} ms a step (wall, under the profiler), {sum(kernels.values()):.1f} ms of GPU kernels")
+    for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:args.profile]:
+        print(f"  {ms:7.2f} ms  {kernel}")
+    ops = prof.key_averages()
+    print("  CPU ops by self time:")
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"  {e.self_cpu_time_total / steps / 1000:7.2f} ms  {e.count // steps:5d} calls  {e.key[:70]}")
+
+
 def train(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> list[dict]:
     preset = PRESETS[args.preset]
-    cfg, batch, seq = preset["model"], preset["batch"], preset["seq"]
-    torch.manual_seed(args.seed)
-    model = ByteLM(cfg).to(device=device, dtype=torch.bfloat16)
+    batch, seq = preset["batch"], preset["seq"]
+    model, compiled, opt = setup(name, args, device)
     params = sum(p.numel() for p in model.parameters())
-    compiled = torch.compile(model) if name == "bf16" else torch.compile(model, backend="mxfp8")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     held_gen = batches(text[1], batch, seq, seed=args.seed + 1)
     held = [next(held_gen) for _ in range(args.heldout_batches)]
     data = batches(text[0], batch, seq, seed=args.seed)
@@ -115,12 +156,7 @@ def train(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.T
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(compiled(x).float().flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # synchronizes: the step's time is complete
+        loss_value = train_step(model, compiled, opt, x, y).item()  # synchronizes: the step is complete
         seconds = time.perf_counter() - t0
         row = {"run": name, "step": step, "train_loss": loss_value, "tokens_per_s": batch * seq / seconds,
                "heldout_loss": ""}
@@ -180,12 +216,18 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=None, help="read only this much of the stdlib")
     parser.add_argument("--out", default="train_moe_out")
     parser.add_argument("--results", default=None, help="append the summary to this Markdown file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead of training, profile a few steps of each run and print the top N kernels")
     args = parser.parse_args()
     args.warmup = min(args.warmup, max(1, args.steps // 10))
     args.eval_every = min(args.eval_every, args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = load_text(args.max_bytes)
     print(f"stdlib text: {len(text[0]):,} train bytes, {len(text[1]):,} held out; device {device}", file=sys.stderr)
+    if args.profile:
+        for name in ("bf16", "mxfp8"):
+            profile(name, args, text, device)
+        return
     rows = train("bf16", args, text, device) + train("mxfp8", args, text, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from mxfp8_compile.numerics import ScaleMode
 TARGETS = ("auto", "sm100", "sm90", "emulated")
 GEMM_ROLES = ("forward", "dgrad", "wgrad")
 A2A_WGRAD_POLICIES = ("dequant", "requant", "bf16_a2a")
+A2A_PAYLOADS = ("gemm_inputs", "all")
 OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -41,6 +42,11 @@ class Config:
         ``"requant"``: the rows are dequantized and quantized again along tokens per group,
         and the wgrad stays MXFP8 (two roundings). ``"bf16_a2a"``: that all-to-all stays in
         bf16 and is not hoisted; the wgrad is converted as usual.
+    a2a_payloads: which token all-to-alls carry MXFP8. ``"gemm_inputs"`` (default): those whose
+        rows feed converted GEMMs, by moving the GEMMs' own quantization ahead (exact). ``"all"``:
+        also the rest (the combine forward carries expert outputs, the dispatch backward token
+        gradients), quantized before and dequantized after the collective: one more MX rounding
+        of those tensors, for about half their bytes on the wire.
     """
 
     scale_mode: str = "rceil"
@@ -54,11 +60,13 @@ class Config:
     operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
     fast_accum: bool = False
     a2a_wgrad: str = "dequant"
+    a2a_payloads: str = "gemm_inputs"
 
     def __post_init__(self) -> None:
         _check_choice("scale_mode", self.scale_mode, tuple(m.value for m in ScaleMode))
         _check_choice("target", self.target, TARGETS)
         _check_choice("a2a_wgrad", self.a2a_wgrad, A2A_WGRAD_POLICIES)
+        _check_choice("a2a_payloads", self.a2a_payloads, A2A_PAYLOADS)
         for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_modules", "operand_dtypes"):
             object.__setattr__(self, name, _as_str_tuple(name, getattr(self, name)))
         for role in self.gemms:

@@ -24,6 +24,7 @@ from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.find_gemms import find_gemms
 from mxfp8_compile.passes.hoist_quantize import apply_hoists, plan_hoists
+from mxfp8_compile.passes.quantize_payloads import quantize_other_payloads
 from mxfp8_compile.passes.rewrite_gemms import rewrite_gemms
 
 _log = logging.getLogger("mxfp8_compile")
@@ -50,7 +51,8 @@ def pass_uuid(config: Config, files: tuple[str, ...] | None = None) -> str:
 
 def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     """Find and rewrite the GEMMs of one graph, move their quantization ahead of the
-    all-to-alls that deliver their rows; record and emit the report."""
+    all-to-alls that deliver their rows (and, if the config says so, carry the other token
+    all-to-alls in MXFP8); record and emit the report."""
     import mxfp8_compile.ops  # noqa: F401  (the rewrite inserts them)
     from mxfp8_compile.lowering.targets import select_target
 
@@ -63,13 +65,14 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     hoists, matches = plan_hoists(matches, config, target)  # may keep wgrads in bf16
     rewrite_gemms(graph, matches, config, target)
     apply_hoists(graph, hoists)
+    carried = quantize_other_payloads(graph, config, {h.site.a2a for h in hoists})
     graph.lint()
     rep = _report.PassReport(
         graph="training" if training else "inference",
         target=target,
         config=repr(config),
         entries=[_report.Entry(m.site, m.decision) for m in matches],
-        hoists=[_report.HoistEntry(h.site, h.decision) for h in hoists],
+        hoists=[_report.HoistEntry(h.site, h.decision) for h in hoists] + carried,
         graph_before=before,
         graph_after=graph.python_code("self").src if capture else None,
     )

@@ -49,13 +49,13 @@ c10d = torch.ops._c10d_functional
 _U8, _E4M3 = torch.uint8, torch.float8_e4m3fn
 
 
-def _a2a_targets() -> tuple[object, ...]:
+def a2a_targets() -> tuple[object, ...]:
     # Older torch traced the differentiable funcol op under its own namespace.
     legacy = getattr(getattr(torch.ops, "_c10d_functional_autograd", None), "all_to_all_single", None)
     return (c10d.all_to_all_single.default,) + ((legacy.default,) if legacy is not None else ())
 
 
-_SHAPE_ONLY = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+SHAPE_ONLY = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
 _TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
 
 
@@ -123,7 +123,7 @@ _RULES: dict[object, _Rule] = {
     aten.slice.Tensor: ((0,), lambda n: _dim_is_0(n, 1)),
     aten.cat.default: ((0,), lambda n: _dim_is_0(n, 1)),  # position 0 is the list of tensors
     aten.slice_scatter.default: ((0, 1), lambda n: _dim_is_0(n, 2)),
-    **{target: ((0,), _ALWAYS) for target in _a2a_targets()},
+    **{target: ((0,), _ALWAYS) for target in a2a_targets()},
 }
 _IDENTITY = {
     c10d.wait_tensor.default, aten.clone.default, aten.alias.default,
@@ -166,7 +166,7 @@ def _path_to_a2a(node: fx.Node) -> list[Step] | None:
         above = _path_to_a2a(source)
         if above is not None:
             return [Step(node, source), *above]
-        if node.target in _a2a_targets():
+        if node.target in a2a_targets():
             return [Step(node, source)]
     return None
 
@@ -299,7 +299,7 @@ def _check(steps: tuple[Step, ...], by_node: dict[fx.Node, list[GemmMatch]]) -> 
     tokens: list[GemmMatch] = []
     for node in region:
         for user in node.users:
-            if below.get(node) is user or user.target in _SHAPE_ONLY:
+            if below.get(node) is user or user.target in SHAPE_ONLY:
                 continue
             reads = _gemm_reads(user, node, by_node)
             if reads is None:
@@ -399,7 +399,7 @@ class _Hoist:
         node, source = step.node, moved[step.source]
         if node.target in _IDENTITY:
             return source
-        if node.target in _a2a_targets():
+        if node.target in a2a_targets():
             return _Moved(*(
                 self.call(c10d.wait_tensor.default,
                           self.call(c10d.all_to_all_single.default, t, *node.args[1:], like=node), like=node)
@@ -419,7 +419,7 @@ class _Hoist:
 
     def _reroute(self, user: fx.Node, node: fx.Node, rows: _Moved) -> None:
         """Point ``user``, a reader of the hoisted ``node``, at the quantized rows."""
-        if user.target in _SHAPE_ONLY:  # the data bytes have the rows' shape
+        if user.target in SHAPE_ONLY:  # the data bytes have the rows' shape
             user.replace_input_with(node, rows.data)
         elif user.target in _row_quantize_targets():
             assert user.target == mxfp8.quantize_rebase.default or user.args[1] in (-1, _val(node).dim() - 1), user
@@ -467,7 +467,7 @@ def a2a_payloads(graph: fx.Graph) -> list[Payload]:
     """Every all-to-all of ``graph`` in graph order."""
     out = []
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in _a2a_targets():
+        if node.op == "call_function" and node.target in a2a_targets():
             val = _val(node.args[0])
             row_bytes = math.prod(val.shape[1:]) * val.dtype.itemsize
             out.append(Payload(node.name, val.dtype, str(val.shape[0]), int(row_bytes)))

@@ -114,6 +114,7 @@ class HoistSite:
     row_bytes_after: int
     wgrad_policy: str = ""
     notes: tuple[str, ...] = ()
+    wire_only: bool = False  # quantized around the all-to-all, not for a GEMM (Config.a2a_payloads)
 
     @property
     def ratio(self) -> float:
@@ -123,8 +124,10 @@ class HoistSite:
     def describe(self) -> str:
         """One line: where, what moved, the bytes, and the wgrad policy applied."""
         where = f"{self.a2a} ({'backward' if self.backward else 'forward'}, {self.rows} rows)"
-        text = (f"{where}: {self.row_bytes_before} -> {self.row_bytes_after} B/row ({self.ratio:.2f}x); "
-                f"crossed {', '.join(self.crossed)}; feeds {', '.join(self.gemms)}")
+        text = f"{where}: {self.row_bytes_before} -> {self.row_bytes_after} B/row ({self.ratio:.2f}x); "
+        if self.wire_only:
+            return text + "no GEMM reads its rows"
+        text += f"crossed {', '.join(self.crossed)}; feeds {', '.join(self.gemms)}"
         if self.wgrads:
             text += f"; wgrad policy {self.wgrad_policy!r} at {', '.join(self.wgrads)}"
         return text
@@ -223,9 +226,10 @@ class PassReport:
     def _hoist_lines(self) -> list[str]:
         if not self.hoists:
             return []
-        lines = ["all-to-alls whose rows feed quantized GEMM operands:"]
+        lines = ["token all-to-alls:"]
         for h in self.hoists:
-            verdict = "quantization moved ahead" if h.hoisted else f"left as it was: {h.decision}"
+            verdict = ("quantization moved ahead" if not h.site.wire_only else "carried as MXFP8") if h.hoisted \
+                else f"left as it was: {h.decision}"
             lines.append(f"  {h.site.describe()}: {verdict}")
             lines += [f"    note: {note}" for note in h.site.notes]
         before, after = self.wire_row_bytes()
@@ -234,8 +238,8 @@ class PassReport:
         return lines
 
     def wire_row_bytes(self) -> tuple[int, int]:
-        """Bytes per row of the all-to-alls whose rows feed quantized GEMMs, summed: as the graph
-        had them, and after the pass (the same for those left as they were)."""
+        """Bytes per row of the all-to-alls in ``hoists``, summed: as the graph had them, and
+        after the pass (the same for those left as they were)."""
         before = sum(h.site.row_bytes_before for h in self.hoists)
         after = sum(h.site.row_bytes_after if h.hoisted else h.site.row_bytes_before for h in self.hoists)
         return before, after

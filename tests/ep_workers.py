@@ -120,15 +120,15 @@ def _run(model: torch.nn.Module, config: Config | None, compile_: Callable[..., 
     }
 
 
-def compare_runs(model: torch.nn.Module, policies: tuple[str, ...], base: Config, compile_: Callable[..., None],
+def compare_runs(model: torch.nn.Module, configs: dict[str, Config], compile_: Callable[..., None],
                  step: Step) -> dict[str, dict[str, Any]]:
-    """Per policy (and ``"bf16"``, the run without the plugin): SQNRs against the bf16 run, the
-    loss, every compiled graph's all-to-alls, and the reports' hoist records."""
+    """Per named config (and ``"bf16"``, the run without the plugin): SQNRs against the bf16 run,
+    the loss, every compiled graph's all-to-alls, and the reports' hoist records."""
     reference = _run(model, None, compile_, step)
     out = {"bf16": {"loss": reference["loss"], "graphs": reference["graphs"], "hoists": reference["hoists"]}}
-    for policy in policies:
-        run = _run(model, dataclasses.replace(base, a2a_wgrad=policy), compile_, step)
-        out[policy] = {
+    for name, config in configs.items():
+        run = _run(model, config, compile_, step)
+        out[name] = {
             "output": sqnr(reference["output"], run["output"]),
             "input_grad": None if run["input_grad"] is None else sqnr(reference["input_grad"], run["input_grad"]),
             "weights": {n: sqnr(reference["grads"][n], g) for n, g in run["grads"].items()},
@@ -141,7 +141,12 @@ def _compile_whole(model: torch.nn.Module, backend: Any) -> None:
     model.compile(backend=backend, fullgraph=True)
 
 
-def ep_block_case(rank: int, world: int, expert: str, policies: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def policies(base: Config, names: tuple[str, ...]) -> dict[str, Config]:
+    """``base`` under each ``a2a_wgrad`` policy in ``names``, keyed by the policy."""
+    return {name: dataclasses.replace(base, a2a_wgrad=name) for name in names}
+
+
+def ep_block_case(rank: int, world: int, expert: str, configs: dict[str, Config]) -> dict[str, dict[str, Any]]:
     """Our expert-parallel block: different tokens on every rank (uneven splits)."""
     from mxfp8_compile.examples.ep_moe import EPMoEConfig, build
 
@@ -156,10 +161,10 @@ def ep_block_case(rank: int, world: int, expert: str, policies: tuple[str, ...])
         return out, xi.grad, loss
 
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        return compare_runs(model, policies, Config(), _compile_whole, step)
+        return compare_runs(model, configs, _compile_whole, step)
 
 
-def torchtitan_case(rank: int, world: int, policies: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def torchtitan_case(rank: int, world: int, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """torchtitan's DeepSeek-V3 debugmodel, expert parallel over all ranks, forced load balance
     (routing no numerics can flip), the same tokens on every rank (so the losses must agree),
     every block compiled on its own with fullgraph=True, as torchtitan's ``apply_compile``; the
@@ -184,4 +189,4 @@ def torchtitan_case(rank: int, world: int, policies: tuple[str, ...]) -> dict[st
         return out, None, loss  # token ids: no input grad
 
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        return compare_runs(model, policies, Config(include_fqns=("routed_experts",)), compile_blocks, step)
+        return compare_runs(model, policies(Config(include_fqns=("routed_experts",)), names), compile_blocks, step)

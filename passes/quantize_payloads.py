@@ -1,0 +1,92 @@
+"""Carry the other token all-to-alls in MXFP8 too (``Config.a2a_payloads == "all"``).
+
+``hoist_quantize`` moves a quantization that a GEMM needs anyway above the all-to-all that
+delivers its rows, which is exact. The other token all-to-alls of an expert-parallel graph, the
+combine forward (expert outputs) and the dispatch backward (token gradients), carry GEMM outputs
+into scatter-adds, where nothing is quantized. With ``a2a_payloads="all"`` their payload is
+MX-quantized (blocks of 32 along the last dim, ``Config.scale_mode``), crosses as uint8 data and
+scale bytes with the same splits, and is dequantized on arrival to its own dtype: one MX
+rounding of what they carry, for about half the bytes. Off by default, since it changes the
+numerics of tensors that no GEMM reads::
+
+    t = all_to_all_single(x, out, in, g)       q, s = mxfp8.quantize(x, -1, mode)
+    w = wait_tensor(t)                   ->    d = wait_tensor(all_to_all_single(q.view(u8), out, in, g))
+                                               e = wait_tensor(all_to_all_single(s, out, in, g))
+                                               w = mxfp8.dequantize(d.view(e4m3), e, -1, x.dtype)
+
+Runs after ``apply_hoists``: the all-to-alls it moved quantization above already carry uint8,
+and those it planned but left as they were (``Config.a2a_wgrad="bf16_a2a"``, a reader that is
+not row-local) stay so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from mxfp8_compile.config import Config
+from mxfp8_compile.numerics import BLOCK_SIZE, HIGH_PRECISION_DTYPES
+from mxfp8_compile.passes._graph import insert_call, insert_multi, is_backward, known_multiple
+from mxfp8_compile.passes.hoist_quantize import SHAPE_ONLY, a2a_targets
+from mxfp8_compile.passes.report import Convert, HoistEntry, HoistSite
+
+aten, mxfp8 = torch.ops.aten, torch.ops.mxfp8
+c10d = torch.ops._c10d_functional
+
+NOTE = ("quantized for the wire only (a2a_payloads='all'): dequantized after it, one MX rounding "
+        "of the payload")
+
+
+def quantize_other_payloads(graph: fx.Graph, config: Config, planned: set[str]) -> list[HoistEntry]:
+    """Quantize the payload of every token all-to-all not in ``planned`` (the hoist's, by
+    node name) around the collective; one report entry each. Nothing when ``config`` keeps
+    them (``a2a_payloads="gemm_inputs"``)."""
+    if config.a2a_payloads != "all":
+        return []
+    entries = []
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in a2a_targets() and node.name not in planned:
+            site = _site(node)
+            if site is not None:
+                _carry_as_mx(graph, node, config.scale_mode)
+                entries.append(HoistEntry(site, Convert()))
+    return entries
+
+
+def _site(a2a: fx.Node) -> HoistSite | None:
+    """The record of ``a2a`` if its payload can travel as MX: float rows of a static last dim,
+    a multiple of 32, and besides shape queries a single reader that waits for it."""
+    val = a2a.args[0].meta["val"]
+    shape = tuple(val.shape[1:])
+    waits = [u for u in a2a.users if u.target not in SHAPE_ONLY]
+    if (val.dtype not in HIGH_PRECISION_DTYPES or val.dim() < 2 or not all(isinstance(d, int) for d in shape)
+            or not known_multiple(shape[-1], BLOCK_SIZE) or len(waits) != 1
+            or waits[0].target != c10d.wait_tensor.default):
+        return None
+    elements = math.prod(shape)
+    return HoistSite(
+        a2a=a2a.name, backward=is_backward(a2a), crossed=(), gemms=(), wgrads=(), rows=str(val.shape[0]),
+        row_bytes_before=elements * val.dtype.itemsize, row_bytes_after=elements + elements // BLOCK_SIZE,
+        notes=(NOTE,), wire_only=True,
+    )
+
+
+def _carry_as_mx(graph: fx.Graph, a2a: fx.Node, mode: str) -> None:
+    wait = next(u for u in a2a.users if u.target not in SHAPE_ONLY)
+    payload, rest = a2a.args[0], a2a.args[1:]
+    provenance = f"quantize_payloads:{a2a.name}"
+
+    def call(target: object, *args: object) -> fx.Node:
+        return insert_call(graph, target, args, like=a2a, provenance=provenance)
+
+    data, scales = insert_multi(graph, mxfp8.quantize.default, (payload, -1, mode), like=a2a, provenance=provenance)
+    sent = [call(c10d.wait_tensor.default, call(c10d.all_to_all_single.default, t, *rest))
+            for t in (call(aten.view.dtype, data, torch.uint8), scales)]
+    received = call(mxfp8.dequantize.default, call(aten.view.dtype, sent[0], torch.float8_e4m3fn), sent[1], -1,
+                    payload.meta["val"].dtype)
+    wait.replace_all_uses_with(received)
+    a2a.replace_all_uses_with(sent[0].args[0])  # shape queries: the data bytes have the payload's shape
+    graph.erase_node(wait)
+    graph.erase_node(a2a)

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from mxfp8_compile.backend import aot_backend
-from mxfp8_compile.config import A2A_WGRAD_POLICIES, Config
+from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, Config
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.hoist_quantize import a2a_payloads
 from mxfp8_compile.passes.report import PassReport, format_bytes
@@ -199,11 +199,13 @@ def _a2a_line(reports: list[PassReport], baseline: list[tuple[str, fx.GraphModul
     if not count:
         return "all-to-all payload: no all-to-all in the graphs"
     after, _ = token_row_bytes(graphs)
-    hoists = [h for r in reports for h in r.hoists]
-    moved = sum(h.hoisted for h in hoists)
+    fed = [h for r in reports for h in r.hoists if not h.site.wire_only]
+    carried = sum(h.site.wire_only for r in reports for h in r.hoists)
+    others = (f"{carried} more carried as MXFP8 for the wire (a2a_payloads='all')" if carried else
+              "the others carry GEMM outputs or gradients to scatter-adds")
     return (f"all-to-all payload: {before} -> {after} B per token row over {count} token all-to-alls "
-            f"({after / before:.2f}x); quantization moved ahead of {moved} of the {len(hoists)} whose rows "
-            f"feed quantized GEMMs (the others carry GEMM outputs or gradients to scatter-adds)")
+            f"({after / before:.2f}x); quantization moved ahead of {sum(h.hoisted for h in fed)} of the "
+            f"{len(fed)} whose rows feed quantized GEMMs ({others})")
 
 
 def _summary(
@@ -322,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gemm-size", type=int, default=0, help="keep GEMMs with K*N below this in bf16")
     p.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES,
                    help="wgrads of token rows that cross an all-to-all as MXFP8 (see Config.a2a_wgrad)")
+    p.add_argument("--a2a-payloads", default="gemm_inputs", choices=A2A_PAYLOADS,
+                   help="which token all-to-alls carry MXFP8 (see Config.a2a_payloads)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             dense_linears=not args.no_dense_linears, include_fqns=tuple(args.include),
             exclude_fqns=tuple(args.exclude), keep_bf16_modules=tuple(filter(None, args.keep_bf16.split(","))),
             min_gemm_size=args.min_gemm_size, a2a_wgrad=args.a2a_wgrad,
+            a2a_payloads=args.a2a_payloads,
         )
         if args.example:
             examples = _examples()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import triton
 
 import mxfp8_compile
+from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES
 from mxfp8_compile.examples.ep_moe import EPMoE, EPMoEConfig
 from mxfp8_compile.numerics import sqnr
 from mxfp8_compile.passes.report import PassReport, clear_reports
@@ -127,8 +128,8 @@ def numerics(bf16: torch.nn.Module, mx: torch.nn.Module, x: torch.Tensor, grad: 
 
 def wire_bytes(report: PassReport | None, rows: int, dim: int) -> tuple[int, int]:
     """Token bytes one rank sends in one step, bf16 and with the plugin: the four token
-    all-to-alls (dispatch and combine, forward and backward) of ``rows`` rows each; those whose
-    rows feed quantized GEMMs as the report counts them, the rest bf16 rows."""
+    all-to-alls (dispatch and combine, forward and backward) of ``rows`` rows each; those in the
+    report (feeding quantized GEMMs, or carried as MXFP8) as it counts them, the rest bf16 rows."""
     fed = report.hoists if report else []
     before, after = report.wire_row_bytes() if report else (0, 0)
     others = (4 - len(fed)) * dim * 2
@@ -197,13 +198,15 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--a2a-wgrad", default="dequant", choices=["dequant", "requant", "bf16_a2a"])
+    parser.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES)
+    parser.add_argument("--a2a-payloads", default="gemm_inputs", choices=A2A_PAYLOADS,
+                        help="'all': the combine forward and dispatch backward carry MXFP8 too (Config.a2a_payloads)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, few steps (a CPU check of the script)")
     parser.add_argument("--results", default=None, help="rank 0 appends the table to this Markdown file")
     args = parser.parse_args()
     if args.dry_run:
         args.shapes, args.tokens, args.steps, args.warmup = ["tiny"], [256], 3, 1
-    args.options = {"a2a_wgrad": args.a2a_wgrad}
+    args.options = {"a2a_wgrad": args.a2a_wgrad, "a2a_payloads": args.a2a_payloads}
     torch._dynamo.config.capture_scalar_outputs = True  # the .tolist() splits
     for name, value in NO_MULTICAST.items():
         os.environ.setdefault(name, value)

@@ -9,16 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from ep_workers import free_port
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def test_dry_run_prints_the_table_with_sane_numbers() -> None:
+# the dispatch and the combine backward cross as MXFP8 (264 of 512 B a row), the other two bf16
+# unless a2a_payloads="all" carries them as MXFP8 too, which costs SiLU-gated experts under a dB
+# (output / input grad, uniform routing: 23.1 / 22.8 dB measured, against 23.7 / 23.6)
+@pytest.mark.parametrize(("payloads", "wire_ratio", "floor"), [("gemm_inputs", 0.76, 23), ("all", 0.52, 22)])
+def test_dry_run_prints_the_table_with_sane_numbers(payloads: str, wire_ratio: float, floor: float) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "ep_pipeline.py", "--dry-run"],
+         "ep_pipeline.py", "--dry-run", "--a2a-payloads", payloads],
         cwd=BENCHMARKS, capture_output=True, text=True, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -27,7 +32,6 @@ def test_dry_run_prints_the_table_with_sane_numbers() -> None:
     # each case printed as it finishes, then the whole table: uniform and skewed twice
     assert [r[0] for r in rows] == ["uniform", "skewed", "uniform", "skewed"], done.stdout
     for routing, speedup, wire, out, input_grad, weights in rows:
-        # the dispatch and the combine backward cross as MXFP8 (264 of 512 B a row), the other two bf16
-        assert float(wire) == 0.76, (routing, wire)
+        assert float(wire) == wire_ratio, (routing, wire)
         # SiLU-gated experts in MX against bf16: the layer floors of tests/test_hoist_quantize.py
-        assert float(out) >= 23 and float(input_grad) >= 23 and float(weights) >= 21, (routing, out, input_grad, weights)
+        assert float(out) >= floor and float(input_grad) >= floor and float(weights) >= 21, (routing, out, input_grad, weights)

@@ -21,6 +21,7 @@ not row-local) stay so.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -30,7 +31,7 @@ from mxfp8_compile.config import Config
 from mxfp8_compile.numerics import BLOCK_SIZE, HIGH_PRECISION_DTYPES
 from mxfp8_compile.passes._graph import insert_call, insert_multi, is_backward, known_multiple
 from mxfp8_compile.passes.hoist_quantize import SHAPE_ONLY, a2a_targets
-from mxfp8_compile.passes.report import Convert, HoistEntry, HoistSite
+from mxfp8_compile.passes.report import Convert, HoistEntry, HoistSite, Skip, SkipReason
 
 aten, mxfp8 = torch.ops.aten, torch.ops.mxfp8
 c10d = torch.ops._c10d_functional
@@ -47,30 +48,33 @@ def quantize_other_payloads(graph: fx.Graph, config: Config, planned: set[str]) 
         return []
     entries = []
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in a2a_targets() and node.name not in planned:
-            site = _site(node)
-            if site is not None:
-                _carry_as_mx(graph, node, config.scale_mode)
-                entries.append(HoistEntry(site, Convert()))
+        if node.op != "call_function" or node.target not in a2a_targets() or node.name in planned:
+            continue
+        val = node.args[0].meta["val"]
+        if val.dtype not in HIGH_PRECISION_DTYPES:  # counts, or MX bytes already
+            continue
+        shape = tuple(val.shape[1:])
+        static = len(shape) >= 1 and all(isinstance(d, int) for d in shape)
+        elements = math.prod(shape) if static else 0
+        site = HoistSite(
+            a2a=node.name, backward=is_backward(node), crossed=(), gemms=(), wgrads=(), rows=str(val.shape[0]),
+            row_bytes_before=elements * val.dtype.itemsize, row_bytes_after=elements + elements // BLOCK_SIZE,
+            notes=(NOTE,), wire_only=True,
+        )
+        if static and known_multiple(shape[-1], BLOCK_SIZE) and _waited_once(node):
+            _carry_as_mx(graph, node, config.scale_mode)
+            entries.append(HoistEntry(site, Convert()))
+        else:
+            detail = f"payload {tuple(val.shape)} {str(val.dtype).removeprefix('torch.')}"
+            entries.append(HoistEntry(dataclasses.replace(site, row_bytes_after=site.row_bytes_before, notes=()),
+                                      Skip(SkipReason.A2A_PAYLOAD_NOT_MX, detail)))
     return entries
 
 
-def _site(a2a: fx.Node) -> HoistSite | None:
-    """The record of ``a2a`` if its payload can travel as MX: float rows of a static last dim,
-    a multiple of 32, and besides shape queries a single reader that waits for it."""
-    val = a2a.args[0].meta["val"]
-    shape = tuple(val.shape[1:])
-    waits = [u for u in a2a.users if u.target not in SHAPE_ONLY]
-    if (val.dtype not in HIGH_PRECISION_DTYPES or val.dim() < 2 or not all(isinstance(d, int) for d in shape)
-            or not known_multiple(shape[-1], BLOCK_SIZE) or len(waits) != 1
-            or waits[0].target != c10d.wait_tensor.default):
-        return None
-    elements = math.prod(shape)
-    return HoistSite(
-        a2a=a2a.name, backward=is_backward(a2a), crossed=(), gemms=(), wgrads=(), rows=str(val.shape[0]),
-        row_bytes_before=elements * val.dtype.itemsize, row_bytes_after=elements + elements // BLOCK_SIZE,
-        notes=(NOTE,), wire_only=True,
-    )
+def _waited_once(a2a: fx.Node) -> bool:
+    """Whether, besides shape queries, one ``wait_tensor`` is all that reads ``a2a``."""
+    readers = [u for u in a2a.users if u.target not in SHAPE_ONLY]
+    return len(readers) == 1 and readers[0].target == c10d.wait_tensor.default
 
 
 def _carry_as_mx(graph: fx.Graph, a2a: fx.Node, mode: str) -> None:

@@ -60,6 +60,10 @@ class SkipReason(str, enum.Enum):
     )
     A2A_SYMBOLIC_ROWS = "the all-to-all's row shape (all but dim 0) is symbolic; the hoist needs it static"
     A2A_BF16_FOR_WGRAD = "a2a_wgrad='bf16_a2a': the all-to-all stays in bf16 for the wgrad that reads its rows"
+    A2A_PAYLOAD_NOT_MX = (
+        "a2a_payloads='all', but this payload cannot cross as MX blocks (it needs a static last dim, a multiple "
+        "of 32, and one reader that waits for it)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

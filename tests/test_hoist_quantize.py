@@ -186,6 +186,36 @@ def test_rows_that_also_feed_a_non_row_local_op_stay_as_they_were(reader: str, o
     assert [p.dtype for p in a2a_payloads(graphs["inference"].graph)] == [BF16]
 
 
+class _Combine(nn.Module):
+    """Rows through an all-to-all into a sum over them: no GEMM reads them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = torch.distributed.group.WORLD.group_name
+        rows = funcol.all_to_all_single_autograd(x, [x.shape[0]], [x.shape[0]], group)
+        return torch.ops._c10d_functional.wait_tensor(rows).sum(dim=0)
+
+
+@pytest.mark.usefixtures("one_rank")
+@pytest.mark.parametrize("features", [64, 40])
+def test_all_payloads_carries_rows_no_gemm_reads_or_says_why_not(features: int) -> None:
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    x = torch.randn(16, features, dtype=BF16)
+    with torch.no_grad():
+        out = torch.compile(_Combine(), backend=aot_backend(Config(a2a_payloads="all"), graphs.__setitem__),
+                            fullgraph=True)(x)
+    (entry,) = mxfp8_compile.last_report().hoists
+    dtypes = [p.dtype for p in a2a_payloads(graphs["inference"].graph)]
+    if features == 64:
+        assert entry.hoisted and entry.site.wire_only and dtypes == [torch.uint8] * 2
+        assert (entry.site.row_bytes_before, entry.site.row_bytes_after) == (128, 66)
+        q, s = ops.quantize(x)  # exactly what one MX round trip of the rows gives
+        assert torch.equal(out, ops.dequantize(q, s, -1, BF16).sum(dim=0))
+    else:  # 40 features are no whole number of 32-element blocks: bf16, and the report says so
+        assert not entry.hoisted and entry.decision.reason is SkipReason.A2A_PAYLOAD_NOT_MX
+        assert entry.decision.detail == "payload (16, 40) bfloat16" and dtypes == [BF16]
+        assert torch.equal(out, x.sum(dim=0))
+
+
 @pytest.mark.usefixtures("one_rank")
 def test_a_cast_crossed_quantizes_the_wider_values_and_says_so() -> None:
     # fp32 rows cross the all-to-all, then .to(bf16) in front of the GEMM (as torchtitan's

@@ -400,11 +400,7 @@ class _Hoist:
         if node.target in _IDENTITY:
             return source
         if node.target in a2a_targets():
-            return _Moved(*(
-                self.call(c10d.wait_tensor.default,
-                          self.call(c10d.all_to_all_single.default, t, *node.args[1:], like=node), like=node)
-                for t in (source.data, source.scales)
-            ))
+            return _Moved(*send_like(self.graph, node, (source.data, source.scales), self.provenance))
         if node.target in _RESHAPES:
             shape = list(node.args[1])
             last = [] if self.rebased else [_val(source.scales).shape[-1]]
@@ -440,6 +436,15 @@ class _Hoist:
             scales = self.call(aten.expand.default, self.call(aten.unsqueeze.default, scales, -1, like=like),
                                [-1] * (_val(data).dim() - 1) + [blocks], like=like)
         return self.call(mxfp8.dequantize.default, data, scales, -1, dtype, like=like)
+
+
+def send_like(graph: fx.Graph, a2a: fx.Node, tensors: tuple[fx.Node, ...], provenance: str) -> list[fx.Node]:
+    """Each of ``tensors`` through an all-to-all with the splits and group of ``a2a``, waited
+    for; inserted before ``a2a``."""
+    def call(target: object, *args: object) -> fx.Node:
+        return insert_call(graph, target, args, like=a2a, provenance=provenance)
+
+    return [call(c10d.wait_tensor.default, call(c10d.all_to_all_single.default, t, *a2a.args[1:])) for t in tensors]
 
 
 # --------------------------------------------------------------------------------------------

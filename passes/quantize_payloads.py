@@ -21,7 +21,6 @@ not row-local) stay so.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -30,7 +29,7 @@ import torch.fx as fx
 from mxfp8_compile.config import Config
 from mxfp8_compile.numerics import BLOCK_SIZE, HIGH_PRECISION_DTYPES
 from mxfp8_compile.passes._graph import insert_call, insert_multi, is_backward, known_multiple
-from mxfp8_compile.passes.hoist_quantize import SHAPE_ONLY, a2a_targets
+from mxfp8_compile.passes.hoist_quantize import SHAPE_ONLY, a2a_targets, send_like
 from mxfp8_compile.passes.report import Convert, HoistEntry, HoistSite, Skip, SkipReason
 
 aten, mxfp8 = torch.ops.aten, torch.ops.mxfp8
@@ -56,38 +55,38 @@ def quantize_other_payloads(graph: fx.Graph, config: Config, planned: set[str]) 
         shape = tuple(val.shape[1:])
         static = len(shape) >= 1 and all(isinstance(d, int) for d in shape)
         elements = math.prod(shape) if static else 0
+        wait = _the_wait(node)
+        carried = static and known_multiple(shape[-1], BLOCK_SIZE) and wait is not None
         site = HoistSite(
             a2a=node.name, backward=is_backward(node), crossed=(), gemms=(), wgrads=(), rows=str(val.shape[0]),
-            row_bytes_before=elements * val.dtype.itemsize, row_bytes_after=elements + elements // BLOCK_SIZE,
-            notes=(NOTE,), wire_only=True,
+            row_bytes_before=elements * val.dtype.itemsize,
+            row_bytes_after=elements + elements // BLOCK_SIZE if carried else elements * val.dtype.itemsize,
+            notes=(NOTE,) if carried else (), wire_only=True,
         )
-        if static and known_multiple(shape[-1], BLOCK_SIZE) and _waited_once(node):
-            _carry_as_mx(graph, node, config.scale_mode)
+        if carried:
+            _carry_as_mx(graph, node, wait, config.scale_mode)
             entries.append(HoistEntry(site, Convert()))
         else:
             detail = f"payload {tuple(val.shape)} {str(val.dtype).removeprefix('torch.')}"
-            entries.append(HoistEntry(dataclasses.replace(site, row_bytes_after=site.row_bytes_before, notes=()),
-                                      Skip(SkipReason.A2A_PAYLOAD_NOT_MX, detail)))
+            entries.append(HoistEntry(site, Skip(SkipReason.A2A_PAYLOAD_NOT_MX, detail)))
     return entries
 
 
-def _waited_once(a2a: fx.Node) -> bool:
-    """Whether, besides shape queries, one ``wait_tensor`` is all that reads ``a2a``."""
+def _the_wait(a2a: fx.Node) -> fx.Node | None:
+    """The ``wait_tensor`` of ``a2a`` if, besides shape queries, it is all that reads it."""
     readers = [u for u in a2a.users if u.target not in SHAPE_ONLY]
-    return len(readers) == 1 and readers[0].target == c10d.wait_tensor.default
+    return readers[0] if len(readers) == 1 and readers[0].target == c10d.wait_tensor.default else None
 
 
-def _carry_as_mx(graph: fx.Graph, a2a: fx.Node, mode: str) -> None:
-    wait = next(u for u in a2a.users if u.target not in SHAPE_ONLY)
-    payload, rest = a2a.args[0], a2a.args[1:]
+def _carry_as_mx(graph: fx.Graph, a2a: fx.Node, wait: fx.Node, mode: str) -> None:
+    payload = a2a.args[0]
     provenance = f"quantize_payloads:{a2a.name}"
 
     def call(target: object, *args: object) -> fx.Node:
         return insert_call(graph, target, args, like=a2a, provenance=provenance)
 
     data, scales = insert_multi(graph, mxfp8.quantize.default, (payload, -1, mode), like=a2a, provenance=provenance)
-    sent = [call(c10d.wait_tensor.default, call(c10d.all_to_all_single.default, t, *rest))
-            for t in (call(aten.view.dtype, data, torch.uint8), scales)]
+    sent = send_like(graph, a2a, (call(aten.view.dtype, data, torch.uint8), scales), provenance)
     received = call(mxfp8.dequantize.default, call(aten.view.dtype, sent[0], torch.float8_e4m3fn), sent[1], -1,
                     payload.meta["val"].dtype)
     wait.replace_all_uses_with(received)

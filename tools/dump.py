@@ -200,7 +200,7 @@ def _a2a_line(reports: list[PassReport], baseline: list[tuple[str, fx.GraphModul
         return "all-to-all payload: no all-to-all in the graphs"
     after, _ = token_row_bytes(graphs)
     fed = [h for r in reports for h in r.hoists if not h.site.wire_only]
-    carried = sum(h.site.wire_only for r in reports for h in r.hoists)
+    carried = sum(h.hoisted for r in reports for h in r.hoists if h.site.wire_only)
     others = (f"{carried} more carried as MXFP8 for the wire (a2a_payloads='all')" if carried else
               "the others carry GEMM outputs or gradients to scatter-adds")
     return (f"all-to-all payload: {before} -> {after} B per token row over {count} token all-to-alls "

@@ -27,12 +27,14 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from mxfp8_compile import ops
+from mxfp8_compile import numerics, ops
 
 SHAPES = {  # expert GEMMs (dim K, expert hidden N); dense: attention projections (K x K)
     "llama4_scout": dict(dim=5120, expert_hidden=8192),
     "deepseek_v3": dict(dim=7168, expert_hidden=2048),
+    "train_moe": dict(dim=768, expert_hidden=1536),  # train_moe.py's default preset (not by default)
 }
+DEFAULT_SHAPES = ["llama4_scout", "deepseek_v3"]
 ROTATING = 3
 BF16 = torch.bfloat16
 
@@ -58,44 +60,51 @@ def rotating(*shape: int, scale: float = 1.0) -> Callable[[], torch.Tensor]:
     return nxt
 
 
+def rowwise(op: Callable[..., tuple[torch.Tensor, ...]], *args: object) -> tuple[torch.Tensor, ...]:
+    """``op``'s outputs with its E8M0 scale bytes (second output) decoded to the fp32 the rowwise
+    GEMMs read: what the rewrite does in the graph, here one more kernel."""
+    data, scales, *rest = op(*args)
+    return data, numerics.e8m0_to_fp32(scales), *rest
+
+
 def _time(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def expert_gemms(shape: str, tokens: int, experts: int, routing: str) -> list[dict]:
+def expert_gemms(shape: str, tokens: int, experts: int, routing: str, fast_accum: bool) -> list[dict]:
     k, n = SHAPES[shape]["dim"], SHAPES[shape]["expert_hidden"]
     offs = group_ends(tokens, experts, routing)
     x, dy_fwd, dy_bwd = rotating(tokens, k), rotating(tokens, n), rotating(tokens, n)
     w = torch.randn(experts, n, k, device="cuda", dtype=BF16) * 0.02
 
     def forward_fp8() -> torch.Tensor:
-        ra, sa = ops.quantize_rebase(x())
-        rbt, sb = ops.quantize_rebase(w)
-        return ops.scaled_grouped_mm_rowwise(ra, sa, rbt.mT, sb, offs, BF16, False)
+        ra, sa = rowwise(ops.quantize_rebase, x())
+        rbt, sb = rowwise(ops.quantize_rebase, w)
+        return ops.scaled_grouped_mm_rowwise(ra, sa, rbt.mT, sb, offs, BF16, fast_accum)
 
     def dgrad_fp8() -> torch.Tensor:
-        ra, sa = ops.quantize_rebase(dy_bwd())
-        rbt, sb = ops.quantize_rebase(w.mT)  # B = W (E, N, K): its transpose, cast along N
-        return ops.scaled_grouped_mm_rowwise(ra, sa, rbt.mT, sb, offs, BF16, False)
+        ra, sa = rowwise(ops.quantize_rebase, dy_bwd())
+        rbt, sb = rowwise(ops.quantize_rebase, w.mT)  # B = W (E, N, K): its transpose, cast along N
+        return ops.scaled_grouped_mm_rowwise(ra, sa, rbt.mT, sb, offs, BF16, fast_accum)
 
     def wgrad_fp8() -> torch.Tensor:
-        rd, sd, po = ops.quantize_rebase_token_groups(dy_bwd(), offs)
-        rxt, sx, _ = ops.quantize_rebase_token_groups(x(), offs)
-        return ops.scaled_grouped_mm_rowwise(rd, sd, rxt.mT, sx, po, BF16, False)
+        rd, sd, po = rowwise(ops.quantize_rebase_token_groups, dy_bwd(), offs)
+        rxt, sx, _ = rowwise(ops.quantize_rebase_token_groups, x(), offs)
+        return ops.scaled_grouped_mm_rowwise(rd, sd, rxt.mT, sx, po, BF16, fast_accum)
 
-    fwd_ops = (*ops.quantize_rebase(x()), *ops.quantize_rebase(w))
-    dgrad_ops = (*ops.quantize_rebase(dy_bwd()), *ops.quantize_rebase(w.mT))
-    rd, sd, po = ops.quantize_rebase_token_groups(dy_bwd(), offs)
-    rxt, sx, _ = ops.quantize_rebase_token_groups(x(), offs)
+    fwd_ops = (*rowwise(ops.quantize_rebase, x()), *rowwise(ops.quantize_rebase, w))
+    dgrad_ops = (*rowwise(ops.quantize_rebase, dy_bwd()), *rowwise(ops.quantize_rebase, w.mT))
+    rd, sd, po = rowwise(ops.quantize_rebase_token_groups, dy_bwd(), offs)
+    rxt, sx, _ = rowwise(ops.quantize_rebase_token_groups, x(), offs)
     roles = {
         "forward": (lambda: torch._grouped_mm(x(), w.mT, offs=offs), forward_fp8,
                     lambda: ops.scaled_grouped_mm_rowwise(fwd_ops[0], fwd_ops[1], fwd_ops[2].mT, fwd_ops[3],
-                                                          offs, BF16, False)),
+                                                          offs, BF16, fast_accum)),
         "dgrad": (lambda: torch._grouped_mm(dy_bwd(), w, offs=offs), dgrad_fp8,
                   lambda: ops.scaled_grouped_mm_rowwise(dgrad_ops[0], dgrad_ops[1], dgrad_ops[2].mT, dgrad_ops[3],
-                                                        offs, BF16, False)),
+                                                        offs, BF16, fast_accum)),
         "wgrad": (lambda: torch._grouped_mm(dy_fwd().t(), x(), offs=offs), wgrad_fp8,
-                  lambda: ops.scaled_grouped_mm_rowwise(rd, sd, rxt.mT, sx, po, BF16, False)),
+                  lambda: ops.scaled_grouped_mm_rowwise(rd, sd, rxt.mT, sx, po, BF16, fast_accum)),
     }
     rows = []
     for role, (bf16, fp8, gemm_only) in roles.items():
@@ -107,15 +116,15 @@ def expert_gemms(shape: str, tokens: int, experts: int, routing: str) -> list[di
     return rows
 
 
-def dense_gemms(shape: str, tokens: int) -> list[dict]:
+def dense_gemms(shape: str, tokens: int, fast_accum: bool) -> list[dict]:
     k = SHAPES[shape]["dim"]
     x, dy = rotating(tokens, k), rotating(tokens, k)
     w = torch.randn(k, k, device="cuda", dtype=BF16) * 0.02  # nn.Linear weight (out, in)
 
     def fp8(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:  # a (M, K) @ b (K, N), b_t = b^T
-        ra, sa = ops.quantize_rebase(a)
-        rbt, sb = ops.quantize_rebase(b_t)
-        return ops.scaled_mm_rowwise(ra, sa, rbt.t(), sb, BF16, False)
+        ra, sa = rowwise(ops.quantize_rebase, a)
+        rbt, sb = rowwise(ops.quantize_rebase, b_t)
+        return ops.scaled_mm_rowwise(ra, sa, rbt.t(), sb, BF16, fast_accum)
 
     roles = {
         "forward": (lambda: x() @ w.t(), lambda: fp8(x(), w)),
@@ -132,22 +141,23 @@ def dense_gemms(shape: str, tokens: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--routing", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
+    parser.add_argument("--fast-accum", action="store_true", help="the FP8 GEMMs with Config.fast_accum")
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = parser.parse_args()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat()}
+            "date": datetime.date.today().isoformat(), "fast_accum": args.fast_accum}
     print(meta, flush=True)
     print("| kind | shape | tokens | routing | role | bf16 ms | FP8 incl. prep ms | FP8 GEMM only ms | incl. prep | GEMM only |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for shape in args.shapes:
         for tokens in args.tokens:
-            new = [r for routing in args.routing for r in expert_gemms(shape, tokens, args.experts, routing)]
-            new += dense_gemms(shape, tokens)
+            new = [r for routing in args.routing for r in expert_gemms(shape, tokens, args.experts, routing, args.fast_accum)]
+            new += dense_gemms(shape, tokens, args.fast_accum)
             for r in new:
                 only = r.get("ms_fp8_gemm_only")
                 gemm_only = ("-", "-") if only is None else (f"{only:.3f}", f"{r['speedup_gemm_only']:.2f}x")

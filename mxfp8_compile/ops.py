@@ -25,6 +25,8 @@ quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebas
 scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
                            2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
 scaled_mm                  MX (M,K) x (K,N) -> (M,N) out_dtype
+scaled_grouped_mm_rowwise  e4m3 operands with fp32 power-of-two scales per contraction row (the
+scaled_mm_rowwise          rebased ones, ``numerics.e8m0_to_fp32`` of their bytes) (SM90)
 scaled_grouped_mm_blocked  as scaled_grouped_mm, scales in the blocked layouts above (SM100:
                            torch._scaled_grouped_mm; emulated elsewhere)
 scaled_mm_blocked          as scaled_mm, scales to_blocked (SM100: torch._scaled_mm)
@@ -379,11 +381,14 @@ def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) ->
 
 
 def _check_rowwise(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None) -> None:
-    """A (.., K) with one scale per row; B (.., K, N) with one scale per column (per group for
+    """A (.., K) with one fp32 scale per row; B (.., K, N) with one per column (per group for
     2Dx2D, where the contraction runs over each group's tokens)."""
     _check_fp8_data(qa, qb)
     for name, s in (("A", sa), ("B", sb)):
-        _check_scales(f"{name} row scales", s)
+        if s.dtype != torch.float32:
+            raise TypeError(
+                f"{name} row scales must be float32 (numerics.e8m0_to_fp32 of the rebase's E8M0 bytes), got {s.dtype}"
+            )
     _check_contraction(qa, qb)
     if offs is not None and qb.dim() == 2:  # 2Dx2D: per group and row
         expected = ((offs.shape[0], qa.shape[0]), (offs.shape[0], qb.shape[1]))
@@ -399,16 +404,16 @@ def _check_rowwise(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor 
 def _rowwise_operands(
     qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Exact values of rowwise-scaled operands in ``dtype`` (the emulation of the SM90 GEMMs)."""
-    scale_a, scale_b = numerics.e8m0_to_fp32(sa), numerics.e8m0_to_fp32(sb)
+    """Values of rowwise-scaled operands in ``dtype`` (the emulation of the SM90 GEMMs; exact for
+    power-of-two scales)."""
     if offs is not None and qb.dim() == 2:  # the scale of a token column is its group's
         token = torch.arange(qa.shape[1], device=qa.device, dtype=torch.int32)
         group, _ = numerics.group_of(token, offs)
-        a = qa.float() * scale_a[group].t()
-        b = qb.float() * scale_b[group]
+        a = qa.float() * sa[group].t()
+        b = qb.float() * sb[group]
     else:
-        a = qa.float() * scale_a[..., None]
-        b = qb.float() * scale_b.unsqueeze(-2)
+        a = qa.float() * sa[..., None]
+        b = qb.float() * sb.unsqueeze(-2)
     return a.to(dtype), b.mT.contiguous().mT.to(dtype)
 
 
@@ -423,13 +428,15 @@ def _fp8_gemm_layouts(qa: Tensor, qb: Tensor) -> tuple[Tensor, Tensor]:
 def scaled_grouped_mm_rowwise(
     qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype, fast_accum: bool
 ) -> Tensor:
-    """FP8 grouped GEMM with power-of-two rowwise scales given as E8M0 bytes (SM90's path).
+    """FP8 grouped GEMM with power-of-two rowwise scales (SM90's path).
 
     2Dx3D: ``qa`` (M, K), ``sa`` (M,); ``qb`` (E, K, N), ``sb`` (E, N); ``offs`` (E,) -> (M, N).
     2Dx2D: ``qa`` (N, Mp), ``sa`` (G, N); ``qb`` (Mp, K), ``sb`` (G, K); ``offs`` (G,) -> (G, N, K).
+    Data e4m3; scales fp32, the rebase's E8M0 bytes decoded (``numerics.e8m0_to_fp32``), which
+    the graph does ahead of the op so that Inductor fuses it rather than the op launching it.
     This implementation emulates it exactly (the operands' exact values, fp32 accumulation); on
-    CUDA it is ``torch._scaled_grouped_mm`` with fp32 scales, whose output is bf16 only (an fp32
-    ``out_dtype`` is a cast of it there).
+    CUDA it is ``torch._scaled_grouped_mm``, whose output is bf16 only (an fp32 ``out_dtype`` is
+    a cast of it there).
     """
     _check_rowwise(qa, sa, qb, sb, offs)
     if offs.shape[0] == 0:  # no groups: nothing to multiply
@@ -442,13 +449,10 @@ def scaled_grouped_mm_rowwise(
 @scaled_grouped_mm_rowwise.register_kernel("cuda")
 def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, offs: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
     _check_rowwise(qa, sa, qb, sb, offs)
-    scale_a, scale_b = numerics.e8m0_to_fp32(sa), numerics.e8m0_to_fp32(sb)
     if qb.dim() == 2:  # 2Dx2D takes flat (groups x rows) scales
-        scale_a, scale_b = scale_a.reshape(-1), scale_b.reshape(-1)
+        sa, sb = sa.reshape(-1), sb.reshape(-1)
     qa, qb = _fp8_gemm_layouts(qa, qb)
-    out = torch._scaled_grouped_mm(
-        qa, qb, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=fast_accum
-    )
+    out = torch._scaled_grouped_mm(qa, qb, sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     return out.to(out_dtype)
 
 
@@ -465,7 +469,8 @@ def scaled_mm_rowwise(
     qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool
 ) -> Tensor:
     """Dense FP8 GEMM with power-of-two rowwise scales: ``qa`` (M, K), ``sa`` (M,); ``qb`` (K, N),
-    ``sb`` (N,) -> (M, N). Emulated here; ``torch._scaled_mm`` with fp32 scales on CUDA."""
+    ``sb`` (N,) -> (M, N), scales fp32 as ``scaled_grouped_mm_rowwise``'s. Emulated here;
+    ``torch._scaled_mm`` on CUDA."""
     _check_rowwise(qa, sa, qb, sb, None)
     a, b = _rowwise_operands(qa, sa, qb, sb, None, _compute_dtype(out_dtype))
     return torch.mm(a, b).to(out_dtype)
@@ -475,9 +480,8 @@ def scaled_mm_rowwise(
 def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
     _check_rowwise(qa, sa, qb, sb, None)
     qa, qb = _fp8_gemm_layouts(qa, qb)
-    scale_a = numerics.e8m0_to_fp32(sa)[:, None]
-    scale_b = numerics.e8m0_to_fp32(sb)[None, :]
-    out = torch._scaled_mm(qa, qb, scale_a, scale_b, out_dtype=_compute_dtype(out_dtype), use_fast_accum=fast_accum)
+    out = torch._scaled_mm(qa, qb, sa[:, None], sb[None, :], out_dtype=_compute_dtype(out_dtype),
+                           use_fast_accum=fast_accum)
     return out.to(out_dtype)
 
 

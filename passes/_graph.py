@@ -1,9 +1,10 @@
 """Graph plumbing shared by the passes: node insertion, symbolic-size checks, module FQNs.
 
-Every node a pass inserts is made by ``insert_call``, which computes ``meta["val"]`` under the
-graph's fake mode (Inductor and the partitioner read it), copies the replaced GEMM's module and
-autograd metadata (so reports, partitioning and activation-checkpointing tags follow the GEMM)
-and stamps ``meta["mxfp8"]`` with what inserted it.
+Every node a pass inserts is made by ``insert_call`` (or ``insert_traced``, for a plain function
+of aten ops), which computes ``meta["val"]`` under the graph's fake mode (Inductor and the
+partitioner read it), copies the replaced GEMM's module and autograd metadata (so reports,
+partitioning and activation-checkpointing tags follow the GEMM) and stamps ``meta["mxfp8"]`` with
+what inserted it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # Metadata carried over from the GEMM a node replaces.
@@ -37,6 +39,19 @@ def _val(arg: Any) -> Any:
     return arg.meta["val"] if isinstance(arg, fx.Node) else arg
 
 
+def _fake_mode(vals: Any) -> Any:
+    fake_mode = detect_fake_mode([v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)])
+    assert fake_mode is not None, "graph values must be fake tensors (meta['val'] missing)"
+    return fake_mode
+
+
+def _stamp(node: fx.Node, like: fx.Node, provenance: str) -> None:
+    for key in _INHERITED_META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["mxfp8"] = provenance
+
+
 def insert_call(
     graph: fx.Graph,
     target: Callable[..., Any],
@@ -50,18 +65,48 @@ def insert_call(
     values (nodes nested in lists, as ``cat`` or a collective's split sizes take them, too)."""
     kwargs = kwargs or {}
     vals, kwvals = fx.node.map_aggregate((tuple(args), kwargs), _val)
-    fake_mode = detect_fake_mode([v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)])
-    assert fake_mode is not None, "graph values must be fake tensors (meta['val'] missing)"
-    with fake_mode:
+    with _fake_mode(vals):
         val = target(*vals, **kwvals)
     with graph.inserting_before(like):
         node = graph.call_function(target, tuple(args), kwargs)
     node.meta["val"] = val
-    for key in _INHERITED_META:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    node.meta["mxfp8"] = provenance
+    _stamp(node, like, provenance)
     return node
+
+
+# make_fx wraps a traced function's result in one of these (``alias`` after decomposition)
+_OUTPUT_MARKERS = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
+
+
+def insert_traced(
+    graph: fx.Graph, fn: Callable[..., torch.Tensor], args: Sequence[fx.Node], *, like: fx.Node, provenance: str
+) -> fx.Node:
+    """Insert the aten ops of ``fn(*args)`` (a plain function of tensors, traced on the args'
+    fake values) before ``like``; returns the node of its result. Traced with Inductor's
+    decompositions, as the graph the passes see was, so Inductor lowers and fuses the ops like
+    any other of the graph (``_to_copy``, say, is ``prims.convert_element_type`` there)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    vals = [_val(a) for a in args]
+    with _fake_mode(vals):
+        traced = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(args)
+    result = None
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "output":
+            (result,) = pytree.tree_leaves(fx.node.map_arg(node.args[0], env.__getitem__))
+        elif node.target in _OUTPUT_MARKERS:
+            env[node] = env[node.args[0]]
+        else:
+            with graph.inserting_before(like):
+                new = graph.node_copy(node, env.__getitem__)
+            _stamp(new, like, provenance)
+            env[node] = new
+    assert isinstance(result, fx.Node), result
+    return result
 
 
 def insert_multi(

@@ -19,17 +19,21 @@ each group zero-padded to 32 rows; the padded offsets are computed on the device
 
 The emulated target consumes MX scales as they are, so no rearrange node is inserted for it.
 The sm90 target rearranges by the rowwise rebase (one power-of-two scale per contraction row, or
-per group and row for 2Dx2D) and calls the FP8 rowwise GEMMs::
+per group and row for 2Dx2D), decodes the E8M0 scale bytes to the fp32 torch's rowwise GEMMs
+read (``numerics.e8m0_to_fp32``, traced into aten ops that Inductor fuses into one kernel) and
+calls the FP8 rowwise GEMMs::
 
     ra, ra_scale = mxfp8.quantize_rebase(a, mode)        # quantize, then rebase_rowwise, fused
     rbt, rb_scale = mxfp8.quantize_rebase(b^T, mode)
-    y = mxfp8.scaled_grouped_mm_rowwise(ra, ra_scale, rbt^T, rb_scale, offs, dtype, fast_accum)
+    y = mxfp8.scaled_grouped_mm_rowwise(ra, e8m0_to_fp32(ra_scale), rbt^T, e8m0_to_fp32(rb_scale),
+                                        offs, dtype, fast_accum)
 
 and for 2Dx2D, with the rebase per (group, row) and tokens written contiguous by the cast::
 
     rd, sd, po = mxfp8.quantize_rebase_token_groups(dy, offs, mode)    # (N, Mp)
     rxt, sx, _ = mxfp8.quantize_rebase_token_groups(x, offs, mode)     # (K, Mp)
-    dw = mxfp8.scaled_grouped_mm_rowwise(rd, sd, rxt^T, sx, po, dtype, fast_accum)
+    dw = mxfp8.scaled_grouped_mm_rowwise(rd, e8m0_to_fp32(sd), rxt^T, e8m0_to_fp32(sx), po, dtype,
+                                         fast_accum)
 
 The sm100 target keeps the emulated target's MX operands and rearranges their scales into the
 blocked (128x4 tile) layout torch's MX GEMMs read: A's scales of a 2Dx3D GEMM per token group
@@ -53,8 +57,9 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
+from mxfp8_compile import numerics
 from mxfp8_compile.config import Config
-from mxfp8_compile.passes._graph import insert_call, insert_multi
+from mxfp8_compile.passes._graph import insert_call, insert_multi, insert_traced
 from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
 from mxfp8_compile.passes.report import Layout
 
@@ -82,6 +87,9 @@ class _Nodes:
 
     def multi(self, target: object, *args: object) -> list[fx.Node]:
         return insert_multi(self.graph, target, args, like=self.gemm, provenance=self.provenance)
+
+    def traced(self, fn: Callable[..., torch.Tensor], *args: fx.Node) -> fx.Node:
+        return insert_traced(self.graph, fn, args, like=self.gemm, provenance=self.provenance)
 
     def transposed(self, node: fx.Node) -> fx.Node:
         return self.call(aten.permute.default, node, [1, 0] if node.meta["val"].dim() == 2 else [0, 2, 1])
@@ -120,15 +128,18 @@ def _emit_emulated(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
 
 
 def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
-    """Quantize and rebase in one kernel per operand, then the FP8 rowwise GEMMs."""
+    """Quantize and rebase in one kernel per operand, decode the scales to fp32, then the FP8
+    rowwise GEMMs."""
     mode = config.scale_mode
     if m.site.layout is Layout.GROUPED_2D2D:  # the kernel writes tokens contiguous: (N, Mp), (K, Mp)
         qa, sa, padded_offs = n.multi(mxfp8.quantize_rebase_token_groups.default, n.transpose_of(m.a), m.offs, mode)
         qbt, sb, _ = n.multi(mxfp8.quantize_rebase_token_groups.default, n.materialize(m.b), m.offs, mode)
+        sa, sb = n.traced(numerics.e8m0_to_fp32, sa), n.traced(numerics.e8m0_to_fp32, sb)
         return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, padded_offs,
                       m.out_dtype, config.fast_accum)
     qa, sa = n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
     qbt, sb = n.multi(mxfp8.quantize_rebase.default, n.transpose_of(m.b), mode)
+    sa, sb = n.traced(numerics.e8m0_to_fp32, sa), n.traced(numerics.e8m0_to_fp32, sb)
     if m.site.layout is Layout.DENSE:
         return n.call(mxfp8.scaled_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.out_dtype, config.fast_accum)
     return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.offs, m.out_dtype,

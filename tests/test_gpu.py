@@ -59,6 +59,7 @@ def test_rowwise_gemms_on_cuda_match_their_emulation(fast_accum: bool, bar: floa
     qx, sx, _ = ops.quantize_token_groups(x, offs)
     rd, rsd = ops.rebase_token_groups(qd, sd, po)
     rx, rsx = ops.rebase_token_groups(qx, sx, po)
+    rsa, rsb, rsd, rsx = (numerics.e8m0_to_fp32(r) for r in (rsa, rsb, rsd, rsx))
     calls = [
         (ops.scaled_grouped_mm_rowwise, (ra, rsa, rbt.mT, rsb, offs, BF16, fast_accum)),
         (ops.scaled_grouped_mm_rowwise, (rd.t(), rsd, rx, rsx, po, BF16, fast_accum)),

@@ -39,6 +39,9 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
     qw, sw = ops.quantize(w.transpose(-2, -1), dim=-2)  # B (E, K, N) along K
     qt, st, po = ops.quantize_token_groups(x, offs)
     qd, sd, _ = ops.quantize_token_groups(dy, offs)
+    f32 = numerics.e8m0_to_fp32  # the rowwise GEMMs take the scale bytes decoded
+    ra, rsa = ops.rebase_rowwise(q, s, -1)
+    rsa = f32(rsa)
     return [
         (ops.quantize, (x,), {}),
         (ops.quantize, (w.float(),), {"dim": 1, "mode": "floor"}),
@@ -56,9 +59,9 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.scaled_grouped_mm, (q, s, qw, sw, offs, BF16), {}),
         (ops.scaled_grouped_mm, (qd.t(), sd.t(), qt, st, po, torch.float32), {}),
         (ops.scaled_mm, (q, s, qw[0], sw[0], BF16), {}),
-        (ops.scaled_grouped_mm_rowwise, (*ops.rebase_rowwise(q, s, -1), qw, sw[:, 0], offs, BF16, False), {}),
-        (ops.scaled_grouped_mm_rowwise, (qd.t(), sd[:8], qt, st[:8], po, BF16, True), {}),
-        (ops.scaled_mm_rowwise, (*ops.rebase_rowwise(q, s, -1), qw[0], sw[0, 0], torch.float32, False), {}),
+        (ops.scaled_grouped_mm_rowwise, (ra, rsa, qw, f32(sw[:, 0]), offs, BF16, False), {}),
+        (ops.scaled_grouped_mm_rowwise, (qd.t(), f32(sd[:8]), qt, f32(st[:8]), po, BF16, True), {}),
+        (ops.scaled_mm_rowwise, (ra, rsa, qw[0], f32(sw[0, 0]), torch.float32, False), {}),
         # more cases of the two below: tests/test_sm100.py
         (ops.scaled_grouped_mm_blocked, (q, ops.to_blocked_m_groups(s, offs), qw, ops.to_blocked(sw.mT), offs, BF16), {}),
         (ops.scaled_mm_blocked, (q, ops.to_blocked(s), qw[0], ops.to_blocked(sw[0].t()), BF16), {}),

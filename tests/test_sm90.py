@@ -14,7 +14,7 @@ from compare import compare, mse_to
 from mxfp8_compile import Config, ops
 from mxfp8_compile.examples.moe import MoEConfig, build
 from mxfp8_compile.lowering import targets
-from mxfp8_compile.numerics import sqnr
+from mxfp8_compile.numerics import e8m0_to_fp32, sqnr
 
 BF16 = torch.bfloat16
 
@@ -34,13 +34,19 @@ def _operands(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+def _rebased(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows rebased along the last dim, their scales decoded to fp32 as the rowwise GEMMs take them."""
+    r, rs = ops.rebase_rowwise(q, s, -1)
+    return r, e8m0_to_fp32(rs)
+
+
 def test_rowwise_grouped_gemms_match_the_mx_gemms() -> None:
     t = _operands()
     # forward 2Dx3D: rebased rowwise operands against the exact MX operands
     q, s = ops.quantize(t["x"])
     qbt, sbt = ops.quantize(t["w"])  # B^T = W, along K
-    ra, rsa = ops.rebase_rowwise(q, s, -1)
-    rbt, rsb = ops.rebase_rowwise(qbt, sbt, -1)
+    ra, rsa = _rebased(q, s)
+    rbt, rsb = _rebased(qbt, sbt)
     mx = ops.scaled_grouped_mm(q, s, qbt.mT, sbt.mT, t["offs"], BF16)
     rowwise = ops.scaled_grouped_mm_rowwise(ra, rsa, rbt.mT, rsb, t["offs"], BF16, False)
     assert sqnr(mx, rowwise) >= 45
@@ -50,7 +56,7 @@ def test_rowwise_grouped_gemms_match_the_mx_gemms() -> None:
     mx = ops.scaled_grouped_mm(qd.t(), sd.t(), qx, sx, po, BF16)
     rd, rsd = ops.rebase_token_groups(qd, sd, po)
     rx, rsx = ops.rebase_token_groups(qx, sx, po)
-    rowwise = ops.scaled_grouped_mm_rowwise(rd.t(), rsd, rx, rsx, po, BF16, False)
+    rowwise = ops.scaled_grouped_mm_rowwise(rd.t(), e8m0_to_fp32(rsd), rx, e8m0_to_fp32(rsx), po, BF16, False)
     assert rowwise.shape == (4, 96, 128) and not rowwise[0].any()  # the empty first group
     assert sqnr(mx, rowwise) >= 45
     # dense
@@ -62,11 +68,13 @@ def test_rowwise_grouped_gemms_match_the_mx_gemms() -> None:
 def test_bad_rowwise_scales_are_named() -> None:
     t = _operands()
     q, s = ops.quantize(t["x"])
-    ra, rsa = ops.rebase_rowwise(q, s, -1)
+    ra, rsa = _rebased(q, s)
     qbt, sbt = ops.quantize(t["w"])
-    rbt, rsb = ops.rebase_rowwise(qbt, sbt, -1)
+    rbt, rsb = _rebased(qbt, sbt)
     with pytest.raises(ValueError, match=r"B row scales have shape \(4, 48\), expected \(4, 96\)"):
         ops.scaled_grouped_mm_rowwise(ra, rsa, rbt.mT, rsb[:, :48], t["offs"], BF16, False)
+    with pytest.raises(TypeError, match=r"A row scales must be float32 \(numerics.e8m0_to_fp32"):
+        ops.scaled_grouped_mm_rowwise(ra, ops.rebase_rowwise(q, s, -1)[1], rbt.mT, rsb, t["offs"], BF16, False)
 
 
 @pytest.mark.usefixtures("pretend_sm90")
@@ -83,11 +91,29 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     assert {"mxfp8.quantize_rebase.default", "mxfp8.quantize_rebase_token_groups.default",
             "mxfp8.scaled_grouped_mm_rowwise.default", "mxfp8.scaled_mm_rowwise.default"} <= targets_in_graph
     assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & targets_in_graph
+    # each GEMM reads fp32 scales decoded by graph ops (which Inductor fuses), not by the op itself
+    rowwise = [n for gm in graphs.values() for n in gm.graph.nodes if str(n.target).endswith("mm_rowwise.default")]
+    assert rowwise
+    for gemm in rowwise:
+        for scale in (gemm.args[1], gemm.args[3]):
+            assert scale.target == torch.ops.aten.view.dtype and scale.meta["val"].dtype == torch.float32
     # the same bars as the emulated target (test_compile_moe), which the rebase barely moves
     assert result.output >= 23 and result.input_grad >= 29 and result.worst_weight[1] >= 21
     emulated = compare(model, lambda m: torch.compile(m, backend=mxfp8_compile.backend(inductor=False)),
                        (x,), mse_to("random"))
     assert abs(emulated.output - result.output) < 1.0
+
+
+@pytest.mark.usefixtures("pretend_sm90", "no_compile_caches")
+def test_sm90_rewrite_lowers_through_inductor() -> None:
+    # Inductor lowers every node the rewrite inserts (the traced scale decoding included); on the
+    # CPU the ops run their emulation, held to test_sm90_rewrite_of_the_moe_layer's bars
+    model, (x,) = build(MoEConfig(layers=1, dim=64, expert_hidden=64, experts=4))
+    sm90 = lambda m: torch.compile(m, backend=mxfp8_compile.backend(Config(target="sm90")))  # noqa: E731
+    result = compare(model, sm90, (x,), mse_to("random"))
+    report = mxfp8_compile.last_report()
+    assert report.target == "sm90" and len(report.converted()) == 30  # as in test_sm90_rewrite_of_the_moe_layer
+    assert result.output >= 23 and result.input_grad >= 29 and result.worst_weight[1] >= 21
 
 
 def test_target_choice() -> None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 from torch import nn
 
+import mxfp8_compile
 from line_plot import line_plot
 from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 
@@ -100,7 +101,10 @@ def setup(name: str, args: argparse.Namespace, device: torch.device) -> tuple[nn
     """(model, its compiled form for run ``name``, AdamW), the same initial weights for every run."""
     torch.manual_seed(args.seed)
     model = ByteLM(PRESETS[args.preset]["model"]).to(device=device, dtype=torch.bfloat16)
-    compiled = torch.compile(model) if name == "bf16" else torch.compile(model, backend="mxfp8")
+    if name == "bf16":
+        compiled = torch.compile(model, mode=args.mode)
+    else:  # the same as backend="mxfp8", with Inductor's mode
+        compiled = torch.compile(model, backend=mxfp8_compile.backend(mode=args.mode))
     return model, compiled, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
 
 
@@ -192,7 +196,8 @@ def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) 
         f"### {datetime.date.today().isoformat()}: train_moe.py, preset {args.preset}, {args.steps} steps, "
         f"{rows[0]['params'] / 1e6:.1f}M parameters",
         "",
-        f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}. Same seed, weights and batches.",
+        f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}. Same seed, weights and batches; "
+        f"Inductor mode {args.mode or 'default'} for both runs.",
         "",
         "| run | train loss (last evals) | held-out loss | median tokens/s | peak memory GiB |",
         "|---|---|---|---|---|",
@@ -216,6 +221,8 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=None, help="read only this much of the stdlib")
     parser.add_argument("--out", default="train_moe_out")
     parser.add_argument("--results", default=None, help="append the summary to this Markdown file")
+    parser.add_argument("--mode", default=None, choices=[None, "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="Inductor's mode for both runs (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of training, profile a few steps of each run and print the top N kernels")
     args = parser.parse_args()

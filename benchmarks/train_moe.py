@@ -4,15 +4,17 @@ Data: the Python standard library's own source files (``sysconfig.get_paths()["s
 every machine, no download), bytes as tokens (vocab 256), files in sorted order, the last 5% of
 the bytes held out. Model: the plugin's example MoE (``examples/moe.py``: attention, router, top-2
 of 8 SiLU-gated experts through ``torch._grouped_mm``) under a byte embedding; the default preset
-has 8 layers and about 250M parameters. Both runs start from the same weights and see the same
-batches in the same order; AdamW with warm-up and cosine decay.
+has 8 layers and about 250M parameters. The runs (``--runs``: ``bf16``, ``mxfp8``, and
+``mxfp8_experts`` with only the expert GEMMs converted, to split a loss gap between attention and
+experts) start from the same weights and see the same batches in the same order; AdamW with
+warm-up and cosine decay. ``--mode reduce-overhead`` compiles every run with CUDA graphs.
 
     python benchmarks/train_moe.py --steps 2000 --out train_out      # on a GPU
     python benchmarks/train_moe.py --preset tiny --steps 20 --out d  # a CPU dry run
 
-Writes ``<out>/log.csv`` (every step of both runs), ``<out>/loss.png`` (training loss, bf16 blue
-and MXFP8 orange; held-out loss as the darker lines) and ``<out>/summary.md`` (the table for
-benchmarks/RESULTS.md, appended there with ``--results``).
+Writes ``<out>/log.csv`` (every step of every run), ``<out>/loss.png`` (training loss: bf16 blue,
+MXFP8 orange, experts-only green; held-out loss as the darker lines) and ``<out>/summary.md`` (the
+table for benchmarks/RESULTS.md, appended there with ``--results``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 
 import mxfp8_compile
 from line_plot import line_plot
+from mxfp8_compile import Config
 from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 
 PRESETS = {
@@ -43,7 +46,10 @@ PRESETS = {
     "tiny": dict(model=MoEConfig(dim=64, heads=2, layers=2, experts=8, top_k=2, expert_hidden=64,
                                  shared_hidden=0, vocab=256), batch=2, seq=64),
 }
-COLOURS = {"bf16": ((70, 110, 200), (20, 40, 120)), "mxfp8": ((240, 140, 40), (150, 70, 0))}
+# run name -> the plugin's Config (None: the bf16 baseline, plain torch.compile)
+RUNS = {"bf16": None, "mxfp8": Config(), "mxfp8_experts": Config(dense_linears=False)}
+COLOURS = {"bf16": ((70, 110, 200), (20, 40, 120)), "mxfp8": ((240, 140, 40), (150, 70, 0)),
+           "mxfp8_experts": ((60, 170, 90), (10, 90, 40))}
 
 
 def load_text(max_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +107,10 @@ def setup(name: str, args: argparse.Namespace, device: torch.device) -> tuple[nn
     """(model, its compiled form for run ``name``, AdamW), the same initial weights for every run."""
     torch.manual_seed(args.seed)
     model = ByteLM(PRESETS[args.preset]["model"]).to(device=device, dtype=torch.bfloat16)
-    if name == "bf16":
+    if RUNS[name] is None:
         compiled = torch.compile(model, mode=args.mode)
-    else:  # the same as backend="mxfp8", with Inductor's mode
-        compiled = torch.compile(model, backend=mxfp8_compile.backend(mode=args.mode))
+    else:  # backend="mxfp8" with this run's Config and Inductor's mode
+        compiled = torch.compile(model, backend=mxfp8_compile.backend(RUNS[name], mode=args.mode))
     return model, compiled, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
 
 
@@ -181,7 +187,7 @@ def train(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.T
 
 def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) -> str:
     out = {}
-    for name in ("bf16", "mxfp8"):
+    for name in args.runs:
         mine = [r for r in rows if r["run"] == name]
         tail = mine[len(mine) // 10:]  # skip compilation and warm-up steps
         out[name] = {
@@ -190,23 +196,26 @@ def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) 
             "tps": statistics.median(r["tokens_per_s"] for r in tail),
             "peak": mine[-1]["peak_bytes"],
         }
-    b, m = out["bf16"], out["mxfp8"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [
         f"### {datetime.date.today().isoformat()}: train_moe.py, preset {args.preset}, {args.steps} steps, "
         f"{rows[0]['params'] / 1e6:.1f}M parameters",
         "",
         f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}. Same seed, weights and batches; "
-        f"Inductor mode {args.mode or 'default'} for both runs.",
+        f"Inductor mode {args.mode or 'default'} for every run.",
         "",
         "| run | train loss (last evals) | held-out loss | median tokens/s | peak memory GiB |",
         "|---|---|---|---|---|",
     ]
     for run, v in out.items():
         lines.append(f"| {run} | {v['train']:.4f} | {v['heldout']:.4f} | {v['tps']:,.0f} | {v['peak'] / 2**30:.2f} |")
-    lines += ["", f"Held-out gap (mxfp8 / bf16 - 1): {m['heldout'] / b['heldout'] - 1:+.2%}; "
-                  f"tokens/s ratio {m['tps'] / b['tps']:.2f}x; peak memory ratio {m['peak'] / b['peak']:.2f}x.", ""]
-    return "\n".join(lines)
+    lines.append("")
+    b = out.get("bf16")
+    for run, m in out.items():
+        if b is not None and run != "bf16":
+            lines.append(f"{run} against bf16: held-out gap {m['heldout'] / b['heldout'] - 1:+.2%}; tokens/s ratio "
+                         f"{m['tps'] / b['tps']:.2f}x; peak memory ratio {m['peak'] / b['peak']:.2f}x.")
+    return "\n".join(lines + [""])
 
 
 def main() -> None:
@@ -221,6 +230,8 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=None, help="read only this much of the stdlib")
     parser.add_argument("--out", default="train_moe_out")
     parser.add_argument("--results", default=None, help="append the summary to this Markdown file")
+    parser.add_argument("--runs", nargs="+", default=["bf16", "mxfp8"], choices=list(RUNS),
+                        help="mxfp8_experts: only the expert GEMMs in MXFP8 (Config(dense_linears=False))")
     parser.add_argument("--mode", default=None, choices=[None, "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="Inductor's mode for both runs (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -232,10 +243,10 @@ def main() -> None:
     text = load_text(args.max_bytes)
     print(f"stdlib text: {len(text[0]):,} train bytes, {len(text[1]):,} held out; device {device}", file=sys.stderr)
     if args.profile:
-        for name in ("bf16", "mxfp8"):
+        for name in args.runs:
             profile(name, args, text, device)
         return
-    rows = train("bf16", args, text, device) + train("mxfp8", args, text, device)
+    rows = [row for name in args.runs for row in train(name, args, text, device)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.csv", "w", newline="") as f:
@@ -243,8 +254,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     series = []
-    for run, (light, dark) in COLOURS.items():
-        mine = [r for r in rows if r["run"] == run]
+    for run in args.runs:
+        (light, dark), mine = COLOURS[run], [r for r in rows if r["run"] == run]
         series.append(([(r["step"], r["train_loss"]) for r in mine], light))
         series.append(([(r["step"], r["heldout_loss"]) for r in mine if r["heldout_loss"] != ""], dark))
     (out / "loss.png").write_bytes(line_plot(series))

@@ -127,22 +127,26 @@ def _emit_emulated(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     return n.call(mxfp8.scaled_grouped_mm.default, qa, sa, *b, offs, m.out_dtype)
 
 
-def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
-    """Quantize and rebase in one kernel per operand, decode the scales to fp32, then the FP8
-    rowwise GEMMs."""
-    mode = config.scale_mode
-    if m.site.layout is Layout.GROUPED_2D2D:  # the kernel writes tokens contiguous: (N, Mp), (K, Mp)
-        qa, sa, padded_offs = n.multi(mxfp8.quantize_rebase_token_groups.default, n.transpose_of(m.a), m.offs, mode)
+def _rebased_operands(m: GemmMatch, mode: str, n: _Nodes) -> tuple[fx.Node, ...]:
+    """The sm90 target's operands: quantized and rebased in one kernel each, scales decoded to
+    fp32. ``(qa, sa, qbt, sb, offs)``; for 2Dx2D both written with tokens contiguous, A (N, Mp)
+    and B^T (K, Mp), ``offs`` the padded ones; else A and B^T along K, ``offs`` the GEMM's."""
+    if m.site.layout is Layout.GROUPED_2D2D:
+        qa, sa, offs = n.multi(mxfp8.quantize_rebase_token_groups.default, n.transpose_of(m.a), m.offs, mode)
         qbt, sb, _ = n.multi(mxfp8.quantize_rebase_token_groups.default, n.materialize(m.b), m.offs, mode)
-        sa, sb = n.traced(numerics.e8m0_to_fp32, sa), n.traced(numerics.e8m0_to_fp32, sb)
-        return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, padded_offs,
-                      m.out_dtype, config.fast_accum)
-    qa, sa = n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
-    qbt, sb = n.multi(mxfp8.quantize_rebase.default, n.transpose_of(m.b), mode)
-    sa, sb = n.traced(numerics.e8m0_to_fp32, sa), n.traced(numerics.e8m0_to_fp32, sb)
+    else:
+        qa, sa = n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
+        qbt, sb = n.multi(mxfp8.quantize_rebase.default, n.transpose_of(m.b), mode)
+        offs = m.offs
+    return qa, n.traced(numerics.e8m0_to_fp32, sa), qbt, n.traced(numerics.e8m0_to_fp32, sb), offs
+
+
+def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
+    """The rebased operands, then the FP8 rowwise GEMMs."""
+    qa, sa, qbt, sb, offs = _rebased_operands(m, config.scale_mode, n)
     if m.site.layout is Layout.DENSE:
         return n.call(mxfp8.scaled_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.out_dtype, config.fast_accum)
-    return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.offs, m.out_dtype,
+    return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, offs, m.out_dtype,
                   config.fast_accum)
 
 

@@ -106,6 +106,31 @@ def _pow2(e):
 
 
 @triton.jit
+def _e4m3_rounded_twice(x, shift):
+    """e4m3 byte (uint8) of ``round(round(x) * shift)``, each round ``cvt.rn.satfinite``:
+    nearest-even, saturating to +-448 (infinities included), NaN kept. The instructions of
+    Triton's own ``.to(tl.float8e4nv)``, one element at a time: with that cast, Triton 3.6 wrote
+    wrong bytes on an H100 for part of the column kernel's packed-word tiles (exact with this asm
+    and with the integer rounding of the interpreter path, which runs at half the speed)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 q, lo, hi;
+        .reg .b32 pair;
+        .reg .f32 f;
+        cvt.rn.satfinite.e4m3x2.f32 q, 0f00000000, $1;
+        cvt.rn.f16x2.e4m3x2 pair, q;
+        mov.b32 {lo, hi}, pair;
+        cvt.f32.f16 f, lo;
+        mul.f32 f, f, $2;
+        cvt.rn.satfinite.e4m3x2.f32 q, 0f00000000, f;
+        cvt.u32.u16 $0, q;
+        and.b32 $0, $0, 255;
+        }""",
+        "=r,r,r", [x, shift], dtype=tl.int32, is_pure=True, pack=1,
+    ).to(tl.uint8)
+
+
+@triton.jit
 def _quantize_shifted(x, scale, target, HW_CAST: tl.constexpr):
     """e4m3 bytes (uint8) of ``x`` (fp32) quantized with its block scale bytes ``scale``, then
     shifted to the scale ``target`` >= scale: ``numerics.to_mx`` then ``_shift_to``. ``scale``
@@ -115,9 +140,8 @@ def _quantize_shifted(x, scale, target, HW_CAST: tl.constexpr):
     reciprocal = tl.where(scale == 254, 2.0**-127, reciprocal)
     scaled = x * reciprocal
     shift = _pow2(scale - target)
-    if HW_CAST:  # cvt.rn.satfinite: nearest-even, saturating, NaN kept (the GPU tests check)
-        scaled = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -448.0), 448.0))
-        return (scaled.to(tl.float8e4nv).to(tl.float32) * shift).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    if HW_CAST:
+        return _e4m3_rounded_twice(scaled, shift)
     return _e4m3_bits(_round_e4m3(_round_e4m3(scaled) * shift))
 
 
@@ -291,9 +315,27 @@ def _column_amax_kernel(
 
 
 @triton.jit
+def _quantize_rebase_words(x0, x1, x2, x3, column_scale, RCEIL: tl.constexpr, HW_CAST: tl.constexpr):
+    """int32 words (NUM_BLOCKS, 8, BLOCK_K) of the e4m3 bytes of 32-row blocks, row ``4 * w + j``
+    of block b and column k being ``x_j[b, w, k]``: word (b, w, k) holds rows 4w..4w+3,
+    little-endian. Each block is quantized with its own scale and shifted to its column's
+    ``column_scale`` (BLOCK_K,). Four rows a word: what the caller moves is 32-bit words, not bytes."""
+    a0, n0 = _abs_max(x0.to(tl.float32), 1)
+    a1, n1 = _abs_max(x1.to(tl.float32), 1)
+    a2, n2 = _abs_max(x2.to(tl.float32), 1)
+    a3, n3 = _abs_max(x3.to(tl.float32), 1)
+    scale = _e8m0(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), n0 | n1 | n2 | n3, RCEIL)[:, None, :]
+    target = column_scale[None, None, :]
+    return (_quantize_shifted(x0.to(tl.float32), scale, target, HW_CAST).to(tl.int32)
+            | (_quantize_shifted(x1.to(tl.float32), scale, target, HW_CAST).to(tl.int32) << 8)
+            | (_quantize_shifted(x2.to(tl.float32), scale, target, HW_CAST).to(tl.int32) << 16)
+            | (_quantize_shifted(x3.to(tl.float32), scale, target, HW_CAST).to(tl.int32) << 24))
+
+
+@triton.jit
 def _quantize_rebase_columns_kernel(
     x_ptr, offs_ptr, amax_ptr,  # as _column_amax_kernel, amax complete
-    out_ptr, scale_ptr, padded_offs_ptr,  # out: see stride_out_*; scale (G, K) u8; padded offs (G,) int32
+    out_ptr, scale_ptr, padded_offs_ptr,  # out: int32 words, see stride_out_*; scale (G, K) u8; padded offs (G,) int32
     K, Mp, G,
     stride_xm, stride_xk, stride_out_group, stride_out_col,
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -301,11 +343,13 @@ def _quantize_rebase_columns_kernel(
 ):
     """Program (s, k): work item s, a chunk of BLOCK_M padded rows of one group (groups 0..G,
     the tail G included, each at least one chunk so that empty groups write their scales),
-    columns [k*BLOCK_K, +BLOCK_K). Transposes the tile, quantizes each 32-row block as the row
-    kernel does, shifted to the group's column scale, and writes element (padded row p, column
-    k) at ``p_start * stride_out_group + k * stride_out_col + (p - p_start)``, where ``p_start``
-    is the group's first padded row. Rows past a group's own are its zero padding; the tail
-    zero-fills the rows past the last group."""
+    columns [k*BLOCK_K, +BLOCK_K). Quantizes each 32-row block as the row kernel does, shifted
+    to the group's column scale, and writes byte (padded row p, column k) at
+    ``p_start * stride_out_group + k * stride_out_col + (p - p_start)``, where ``p_start`` is the
+    group's first padded row: four rows a word (``_quantize_rebase_words``), so that the stores
+    write whole 32-bit words along the padded rows (stride_out_col is a multiple of 4 bytes).
+    Rows past a group's own are its zero padding; the tail zero-fills the rows past the last
+    group."""
     g = tl.arange(0, BLOCK_G)
     starts, sizes, padded_starts, padded_sizes = _group_layout(offs_ptr, G, Mp, BLOCK_G)
     chunks = tl.where(g <= G, tl.maximum(tl.cdiv(padded_sizes, BLOCK_M), 1), 0)
@@ -322,26 +366,30 @@ def _quantize_rebase_columns_kernel(
         if (chunk == 0) & (group < G):
             tl.store(scale_ptr + group.to(tl.int64) * K + cols, group_scale.to(tl.uint8), mask=col_mask)
         start, size = _of_group(starts, group, BLOCK_G), _of_group(sizes, group, BLOCK_G)
-        # multiples of 32: the transposed stores run 16 bytes wide
-        padded_start = tl.multiple_of(_of_group(padded_starts, group, BLOCK_G), 32)
-        padded_size = tl.multiple_of(_of_group(padded_sizes, group, BLOCK_G), 32)
-        rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-        x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
-                    mask=(rows < size)[:, None] & col_mask[None, :], other=0.0)
-        q = _quantize_rebase_tile(tl.trans(x), group_scale, BLOCK_K, BLOCK_M, RCEIL, HW_CAST)
-        out_cols = out_ptr + padded_start.to(tl.int64) * stride_out_group + cols.to(tl.int64)[:, None] * stride_out_col
-        tl.store(out_cols + rows[None, :], q, mask=col_mask[:, None] & (rows < padded_size)[None, :])
+        padded_start = _of_group(padded_starts, group, BLOCK_G)
+        # multiples of 32 rows, 8 words: aligned masks, so that the stores run 16 bytes wide
+        padded_words = tl.multiple_of(_of_group(padded_sizes, group, BLOCK_G) // 4, 8)
+        # word (b, w) of the chunk: rows 4w..4w+3 of its 32-row block b
+        words = chunk * (BLOCK_M // 4) + 8 * tl.arange(0, BLOCK_M // 32)[:, None, None] + tl.arange(0, 8)[None, :, None]
+        cols3 = cols[None, None, :]
+        in_cols = col_mask[None, None, :]
+        x_rows = x_ptr + (start + 4 * words).to(tl.int64) * stride_xm + cols3.to(tl.int64) * stride_xk
+        x0 = tl.load(x_rows, mask=(4 * words < size) & in_cols, other=0.0)
+        x1 = tl.load(x_rows + stride_xm, mask=(4 * words + 1 < size) & in_cols, other=0.0)
+        x2 = tl.load(x_rows + 2 * stride_xm, mask=(4 * words + 2 < size) & in_cols, other=0.0)
+        x3 = tl.load(x_rows + 3 * stride_xm, mask=(4 * words + 3 < size) & in_cols, other=0.0)
+        group_words = tl.multiple_of((padded_start // 4).to(tl.int64) * stride_out_group, 8)
+        col_words = tl.multiple_of(cols.to(tl.int64) * (stride_out_col // 4), 4)[None, None, :]
+        tl.store(out_ptr + group_words + col_words + words, _quantize_rebase_words(x0, x1, x2, x3, group_scale, RCEIL, HW_CAST),
+                 mask=(words < padded_words) & in_cols)
 
 
 # (BLOCK_M, BLOCK_K, num_warps) of the column kernels, measured on an H100 (benchmarks/RESULTS.md).
-# The cast: one warp, one 32-row block a tile; with more warps the blocks span warps and each
-# reduction and the transpose cross them through shared memory. The amax: tall tiles, since each
-# tile ends in one atomic per column and short ones pile them onto the same addresses.
-CAST_TILE = (32, 64, 1)
-AMAX_TILE = (128, 64, 4)
-# A weight's transposed view writes rows of a power-of-two length, where one warp's narrow
-# 32-byte segments ran at half the speed of the four-warp tile
-WEIGHT_CAST_TILE = (128, 64, 4)
+# The cast: one warp; with more, the 32-row blocks span warps and each reduction crosses them
+# through shared memory (two warps ran at half the speed, four at a fifth). The amax: tall tiles, since each tile ends in one atomic per column and short ones pile them
+# onto the same addresses.
+CAST_TILE = (32, 128, 1)
+AMAX_TILE = (256, 64, 4)
 
 
 def _fit(tile: tuple[int, int, int], k: int) -> tuple[int, int, int]:
@@ -381,7 +429,7 @@ def _quantize_rebase_columns(
         )
     block_m, block_k, num_warps = _fit(tile or CAST_TILE, k)
     _quantize_rebase_columns_kernel[(triton.cdiv(padded_rows, block_m) + groups + 1, triton.cdiv(k, block_k))](
-        x, offs, amax, out.view(torch.uint8), scales, padded_offs, k, padded_rows, groups,
+        x, offs, amax, out.view(torch.int32), scales, padded_offs, k, padded_rows, groups,
         x.stride(0), x.stride(1), stride_out_group, stride_out_col,
         BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_K=block_k,
         RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL, HW_CAST=not _INTERPRETED, num_warps=num_warps,
@@ -419,5 +467,5 @@ def _quantize_rebase_transposed(x: torch.Tensor, mode: str) -> tuple[torch.Tenso
     batches = storage.shape[0] // k
     offs = torch.arange(k, k * batches + 1, k, device=x.device, dtype=torch.int32)
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales, _ = _quantize_rebase_columns(storage, offs, mode, out, k * batches, rows, k, WEIGHT_CAST_TILE)
+    scales, _ = _quantize_rebase_columns(storage, offs, mode, out, k * batches, rows, k, None)
     return out, scales.reshape(*batch, rows)

@@ -96,6 +96,10 @@ def _lower_quantize_rebase(x: ir.TensorBox, mode: str = "rceil") -> tuple[ir.Ten
     # a view (the 2D reshape of a 3D activation) becomes a ReinterpretView of its realized
     # buffer: the template reads its input through a layout, which a plain View lacks
     x = realize_inputs(x)
+    if x.get_stride()[-1] != 1:
+        # a transposed view (a dense wgrad's dy^T or x^T): the template's row reads would stride
+        # by a whole row per element; the custom op's column kernel reads such views coalesced
+        return fallback_handler(_OP, add_to_fallback_set=False)(x, mode)
     _opt_in_prologue(x)
     rows, k = x.get_size()
     k = int(k)

@@ -7,10 +7,10 @@ sweeps (scales, then data). A transposed view goes to the column kernels instead
 ``quantize_rebase_token_groups``: blocks of 32 along dim 0 within token groups, each group
 zero-padded to 32 rows and rebased per (group, column), written transposed (tokens contiguous):
 two launches parallel over (row chunks of every group, column tiles), the group amax per column
-by atomics, then the cast of the transposed tile with the row kernel's math.
+by atomics, then the cast, four rows packed into each 32-bit word written along the tokens.
 All share the math: ``_e8m0`` (scale bytes from an amax), ``_quantize_shifted`` (quantize with a
 block's scale, shift to the rebased one). On the GPU the hardware cast rounds to e4m3
-(``cvt.rn.satfinite``); under the Triton interpreter, whose float8 cast does not round to
+(``cvt.rn.satfinite``, as inline PTX: ``_e4m3_rounded_twice``); under the Triton interpreter, whose float8 cast does not round to
 nearest-even, exact integer arithmetic does (``_round_e4m3``). Both are checked bit for bit
 against numerics: the GPU path in test_gpu.py, the integer path in CI. The Inductor template of
 lowering/inductor_quantize.py reuses the row math (``_row_scales``, ``_quantize_rebase_tile``).

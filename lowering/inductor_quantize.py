@@ -66,13 +66,15 @@ from mxfp8_compile.lowering.triton_quantize import _quantize_rebase_tile, _row_s
 
 
 def _templated(x: ir.IRNode) -> bool:
-    """Whether the template takes ``x``: a 2D CUDA tensor with static rows of at most
-    ``MAX_ONE_READ_K`` elements, a multiple of 32."""
+    """Whether the template takes the realized ``x``: a 2D CUDA tensor with contiguous static
+    rows of at most ``MAX_ONE_READ_K`` elements, a multiple of 32. A transposed view (a dense
+    wgrad's dy^T or x^T) would be read strided by a whole row per element: the custom op's
+    column kernel reads it coalesced."""
     k = x.get_size()[-1]
     return (
         x.get_device() is not None and x.get_device().type == "cuda" and len(x.get_size()) == 2
         and isinstance(k, (int, sympy.Integer)) and int(k) % BLOCK_SIZE == 0
-        and 0 < int(k) <= MAX_ONE_READ_K
+        and 0 < int(k) <= MAX_ONE_READ_K and x.get_stride()[-1] == 1
     )
 
 
@@ -91,14 +93,11 @@ def _opt_in_prologue(x: ir.IRNode) -> None:
 
 @register_lowering(_OP, type_promotion_kind=None)
 def _lower_quantize_rebase(x: ir.TensorBox, mode: str = "rceil") -> tuple[ir.TensorBox, ir.TensorBox]:
-    if not _templated(x):
-        return fallback_handler(_OP, add_to_fallback_set=False)(x, mode)
     # a view (the 2D reshape of a 3D activation) becomes a ReinterpretView of its realized
-    # buffer: the template reads its input through a layout, which a plain View lacks
+    # buffer: the template reads its input through a layout, which a plain View lacks, and
+    # the layout's strides say whether the rows are contiguous
     x = realize_inputs(x)
-    if x.get_stride()[-1] != 1:
-        # a transposed view (a dense wgrad's dy^T or x^T): the template's row reads would stride
-        # by a whole row per element; the custom op's column kernel reads such views coalesced
+    if not _templated(x):
         return fallback_handler(_OP, add_to_fallback_set=False)(x, mode)
     _opt_in_prologue(x)
     rows, k = x.get_size()

@@ -6,15 +6,16 @@ the bytes held out. Model: the plugin's example MoE (``examples/moe.py``: attent
 of 8 SiLU-gated experts through ``torch._grouped_mm``) under a byte embedding; the default preset
 has 8 layers and about 250M parameters. The runs (``--runs``: ``bf16``, ``mxfp8``, and
 ``mxfp8_experts`` with only the expert GEMMs converted, to split a loss gap between attention and
-experts, ``mxfp8_fast_accum`` with Hopper's fast FP8 accumulation in every GEMM) start from the same weights and see the same batches in the same order; AdamW with
-warm-up and cosine decay. ``--mode reduce-overhead`` compiles every run with CUDA graphs.
+experts, ``mxfp8_fast_accum`` with Hopper's fast FP8 accumulation in every GEMM) start from the
+same weights and see the same batches in the same order; AdamW with warm-up and cosine decay.
+``--mode reduce-overhead`` compiles every run with CUDA graphs.
 
     python benchmarks/train_moe.py --steps 2000 --out train_out      # on a GPU
     python benchmarks/train_moe.py --preset tiny --steps 20 --out d  # a CPU dry run
 
 Writes ``<out>/log.csv`` (every step of every run), ``<out>/loss.png`` (training loss: bf16 blue,
-MXFP8 orange, experts-only green, fast accumulation purple; held-out loss as the darker lines) and ``<out>/summary.md`` (the
-table for benchmarks/RESULTS.md, appended there with ``--results``).
+MXFP8 orange, experts-only green, fast accumulation purple; held-out loss as the darker lines)
+and ``<out>/summary.md`` (the table for benchmarks/RESULTS.md, appended there with ``--results``).
 """
 
 from __future__ import annotations

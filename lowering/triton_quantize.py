@@ -10,8 +10,9 @@ two launches parallel over (row chunks of every group, column tiles), the group 
 by atomics, then the cast, four rows packed into each 32-bit word written along the tokens.
 All share the math: ``_e8m0`` (scale bytes from an amax), ``_quantize_shifted`` (quantize with a
 block's scale, shift to the rebased one). On the GPU the hardware cast rounds to e4m3
-(``cvt.rn.satfinite``, as inline PTX: ``_e4m3_rounded_twice``); under the Triton interpreter, whose float8 cast does not round to
-nearest-even, exact integer arithmetic does (``_round_e4m3``). Both are checked bit for bit
+(``cvt.rn.satfinite``, as inline PTX: ``_e4m3_rounded_twice``); under the Triton interpreter,
+whose float8 cast does not round to nearest-even, exact integer arithmetic does
+(``_round_e4m3``). Both are checked bit for bit
 against numerics: the GPU path in test_gpu.py, the integer path in CI. The Inductor template of
 lowering/inductor_quantize.py reuses the row math (``_row_scales``, ``_quantize_rebase_tile``).
 """
@@ -386,8 +387,9 @@ def _quantize_rebase_columns_kernel(
 
 # (BLOCK_M, BLOCK_K, num_warps) of the column kernels, measured on an H100 (benchmarks/RESULTS.md).
 # The cast: one warp; with more, the 32-row blocks span warps and each reduction crosses them
-# through shared memory (two warps ran at half the speed, four at a fifth). The amax: tall tiles, since each tile ends in one atomic per column and short ones pile them
-# onto the same addresses.
+# through shared memory (two warps ran at half the speed, four at a fifth). The amax: tall
+# tiles, since each tile ends in one atomic per column and short ones pile them onto the same
+# addresses.
 CAST_TILE = (32, 128, 1)
 AMAX_TILE = (256, 64, 4)
 

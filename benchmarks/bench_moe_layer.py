@@ -2,7 +2,8 @@
 
 Same run, same shapes, same inputs: router, top-1 routing, SiLU-gated experts through
 ``torch._grouped_mm``, no shared expert. Timed with ``triton.testing.do_bench`` (median) over
-rotating inputs after warm-up; compile times with Inductor's caches off; the peak memory of one
+rotating inputs after warm-up; compile times with Inductor's caches off (the median of
+``--compile-runs`` fresh compilations each, alternating); the peak memory of one
 step (``torch.cuda.max_memory_allocated`` after a reset, less what was allocated before the step).
 ``--checkpoint`` wraps the layer in full activation checkpointing for both compilations. The
 GEMMs alone are in bench_gemms.py, where the time goes in profile_moe_layer.py.
@@ -19,6 +20,7 @@ import argparse
 import copy
 import datetime
 import json
+import statistics
 import time
 
 import torch
@@ -58,7 +60,7 @@ def _step_peak_mib(step) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool) -> dict:
+def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_runs: int = 1) -> dict:
     cfg = MoEConfig(**SHAPES[shape], experts=experts, top_k=1, shared_hidden=0, layers=1)
     torch.manual_seed(0)
     bf16 = MoE(cfg).to(device="cuda", dtype=torch.bfloat16)
@@ -81,11 +83,15 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool) -> dict:
 
         return step
 
-    torch._dynamo.reset()
-    compiled_bf16 = torch.compile(bf16)
-    compile_bf16 = _sync_time(lambda: compiled_bf16(xs[0]).backward(grads[0]))
-    compiled_mx = torch.compile(mx, backend="mxfp8")
-    compile_mx = _sync_time(lambda: compiled_mx(xs[0]).backward(grads[0]))
+    # compile time: the first call (compile and one step), afresh each time, the two alternating
+    compile_s: dict[str, list[float]] = {"inductor": [], "mxfp8": []}
+    for _ in range(compile_runs):
+        for backend, module in (("inductor", bf16), ("mxfp8", mx)):
+            torch._dynamo.reset()
+            compiled = torch.compile(module, backend=backend)
+            compile_s[backend].append(_sync_time(lambda: compiled(xs[0]).backward(grads[0])))
+    compiled_bf16, compiled_mx = torch.compile(bf16), compiled
+    compiled_bf16(xs[0]).backward(grads[0])
     report = mxfp8_compile.last_report()
 
     # numerics of one step, from zeroed grads
@@ -110,7 +116,8 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool) -> dict:
         "fwd_bwd_ms_bf16": t_bf16, "fwd_bwd_ms_mxfp8": t_mx, "speedup": t_bf16 / t_mx,
         "step_peak_mib_bf16": _step_peak_mib(stepper(compiled_bf16)),
         "step_peak_mib_mxfp8": _step_peak_mib(stepper(compiled_mx)),
-        "compile_s_bf16": compile_bf16, "compile_s_mxfp8": compile_mx, **numerics,
+        "compile_s_bf16": statistics.median(compile_s["inductor"]),
+        "compile_s_mxfp8": statistics.median(compile_s["mxfp8"]), "compile_runs_s": compile_s, **numerics,
     }
 
 
@@ -120,6 +127,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--checkpoint", action="store_true", help="full activation checkpointing around the layer")
+    parser.add_argument("--compile-runs", type=int, default=1, help="compile each this many times (median)")
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = parser.parse_args()
     # compile times must not come from Inductor's on-disk caches
@@ -132,7 +140,7 @@ def main() -> None:
     results = {"meta": meta, "layer": []}
     for shape in args.shapes:
         for tokens in args.tokens:
-            r = moe_layer(shape, tokens, args.experts, args.checkpoint)
+            r = moe_layer(shape, tokens, args.experts, args.checkpoint, args.compile_runs)
             results["layer"].append(r)
             print(f"LAYER {shape:13s} tokens={tokens:6d} target {r['target']}: bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, "
                   f"mxfp8 {r['fwd_bwd_ms_mxfp8']:.2f} ms -> {r['speedup']:.2f}x | compile {r['compile_s_bf16']:.1f} s "

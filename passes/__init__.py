@@ -63,7 +63,8 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     converted = [m for m in matches if m.decision]
     target = select_target(config, converted[0].a.node.meta["val"].device) if converted else "none"
     hoists, matches = plan_hoists(matches, config, target)  # may keep wgrads in bf16
-    rewrite_gemms(graph, matches, config, target)
+    moved = frozenset(s.node for h in hoists if h.decision for s in h.steps)
+    rewrite_gemms(graph, matches, config, target, keep_apart=moved)
     apply_hoists(graph, hoists)
     carried = quantize_other_payloads(graph, config, {h.site.a2a for h in hoists})
     graph.lint()

@@ -67,20 +67,62 @@ mxfp8 = torch.ops.mxfp8
 aten = torch.ops.aten
 
 
-def rewrite_gemms(graph: fx.Graph, matches: list[GemmMatch], config: Config, target: str) -> None:
-    """Rewrite every converted match in place, for ``target``."""
+def rewrite_gemms(
+    graph: fx.Graph, matches: list[GemmMatch], config: Config, target: str, keep_apart: frozenset[fx.Node] = frozenset()
+) -> None:
+    """Rewrite every converted match in place, for ``target``. ``keep_apart``: nodes whose casts
+    must stay separate ops (the rows a hoist moves: it moves the row cast alone)."""
+    casts = _SharedCasts(matches, keep_apart) if target == "sm90" else None
     for match in matches:
         if match.decision:
-            nodes = _Nodes(graph, match)
+            nodes = _Nodes(graph, match, casts)
             out = _EMITTERS[target](match, config, nodes)
             _replace(graph, match, out if match.bias is None else nodes.call(aten.add.Tensor, out, match.bias))
+
+
+# An activation as the casts see it: (node, transposed, offs), the 2D tensor node (or node^T)
+# cast within the token groups ending at offs.
+_CastKey = tuple[fx.Node, bool, fx.Node]
+_TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
+
+
+def _cast_key(node: fx.Node, transposed: bool, offs: fx.Node) -> _CastKey:
+    """The key of 2D ``node`` (or its transpose), through transposes: a wgrad's ``dy^T`` is dy."""
+    while node.target in _TRANSPOSES and node.meta["val"].dim() == 2:
+        node, transposed = node.args[0], not transposed
+    return node, transposed, offs
+
+
+class _SharedCasts:
+    """sm90: the activations cast along K for a grouped GEMM (the forward's x, the dgrad's dy) and
+    along tokens for a wgrad with the same offsets; one ``quantize_rebase_rows_and_token_groups``
+    node serves both, inserted before whichever of the GEMMs comes first."""
+
+    def __init__(self, matches: list[GemmMatch], keep_apart: frozenset[fx.Node]) -> None:
+        converted = [m for m in matches if m.decision]
+        rows = {_cast_key(m.a.node, m.a.transposed, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D3D}
+        tokens = {_cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
+                  for key in ((m.a.node, not m.a.transposed), (m.b.node, m.b.transposed))}
+        self.shared = {key for key in rows & tokens if key[0] not in keep_apart}
+        self.outputs: dict[_CastKey, list[fx.Node]] = {}
+
+    def cast(self, key: _CastKey, n: _Nodes, mode: str) -> list[fx.Node] | None:
+        """The five outputs of the shared cast of ``key``, or None where it has no second user."""
+        key = _cast_key(*key)
+        if key not in self.shared:
+            return None
+        if key not in self.outputs:
+            x = n.transposed(key[0]) if key[1] else key[0]
+            self.outputs[key] = n.multi(mxfp8.quantize_rebase_rows_and_token_groups.default, x, key[2], mode)
+        return self.outputs[key]
 
 
 class _Nodes:
     """Builds the nodes that replace one GEMM: each inserted before it, with its metadata."""
 
-    def __init__(self, graph: fx.Graph, m: GemmMatch) -> None:
+    def __init__(self, graph: fx.Graph, m: GemmMatch, casts: _SharedCasts | None = None) -> None:
         self.graph, self.gemm, self.provenance = graph, m.node, f"rewrite_gemms:{m.site.label}"
+        self.casts = casts
 
     def call(self, target: object, *args: object) -> fx.Node:
         return insert_call(self.graph, target, args, like=self.gemm, provenance=self.provenance)
@@ -132,13 +174,24 @@ def _rebased_operands(m: GemmMatch, mode: str, n: _Nodes) -> tuple[fx.Node, ...]
     fp32. ``(qa, sa, qbt, sb, offs)``; for 2Dx2D both written with tokens contiguous, A (N, Mp)
     and B^T (K, Mp), ``offs`` the padded ones; else A and B^T along K, ``offs`` the GEMM's."""
     if m.site.layout is Layout.GROUPED_2D2D:
-        qa, sa, offs = n.multi(mxfp8.quantize_rebase_token_groups.default, n.transpose_of(m.a), m.offs, mode)
-        qbt, sb, _ = n.multi(mxfp8.quantize_rebase_token_groups.default, n.materialize(m.b), m.offs, mode)
+        qa, sa, offs = _token_group_cast(m.a.node, not m.a.transposed, m, mode, n)
+        qbt, sb, _ = _token_group_cast(m.b.node, m.b.transposed, m, mode, n)
     else:
-        qa, sa = n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
+        shared = n.casts and m.offs is not None and n.casts.cast((m.a.node, m.a.transposed, m.offs), n, mode)
+        qa, sa = shared[:2] if shared else n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
         qbt, sb = n.multi(mxfp8.quantize_rebase.default, n.transpose_of(m.b), mode)
         offs = m.offs
     return qa, n.traced(numerics.e8m0_to_fp32, sa), qbt, n.traced(numerics.e8m0_to_fp32, sb), offs
+
+
+def _token_group_cast(node: fx.Node, transposed: bool, m: GemmMatch, mode: str, n: _Nodes) -> list[fx.Node]:
+    """sm90's cast of wgrad operand ``node`` (or its transpose) along tokens: ``(data (.., Mp)
+    tokens contiguous, group scales, padded offs)``, from the shared cast where there is one."""
+    shared = n.casts and n.casts.cast((node, transposed, m.offs), n, mode)
+    if shared:
+        return shared[2:]
+    x = n.transposed(node) if transposed else node
+    return n.multi(mxfp8.quantize_rebase_token_groups.default, x, m.offs, mode)
 
 
 def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:

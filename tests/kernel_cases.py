@@ -48,6 +48,7 @@ def token_group_inputs(device: str, large: bool) -> list[tuple[torch.Tensor, tor
         (torch.randn(200, 96, generator=g).bfloat16(), [0, 1, 33, 33, 64, 150]),
         (torch.randn(96, 40, generator=g).t() * 1e-30, [0, 31, 32, 40]),  # (40, 96) view, fp32 subnormal
         (special.reshape(-1, 32).t().contiguous(), [7, special.numel() // 32]),
+        (special.reshape(-1, 32), [5, special.numel() // 64]),  # special blocks along rows, a tail
         (torch.randn(64, 64, generator=g).bfloat16(), []),
         (torch.randn(0, 32, generator=g), [0, 0]),
     ]
@@ -93,7 +94,11 @@ def mismatches(device: str, large: bool = False) -> list[str]:
 
 
 def _mismatches(device: str, large: bool) -> list[str]:
-    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_rows, quantize_rebase_token_groups
+    from mxfp8_compile.lowering.triton_quantize import (
+        quantize_rebase_rows,
+        quantize_rebase_rows_and_token_groups,
+        quantize_rebase_token_groups,
+    )
 
     failures = []
     for mode in ("rceil", "floor"):
@@ -110,6 +115,14 @@ def _mismatches(device: str, large: bool) -> list[str]:
                 _byte_mismatch(f"token groups {offs.tolist()} {mode} scales", x, s, rs),
                 _byte_mismatch(f"token groups {offs.tolist()} {mode} padded offsets", x, po, rpo),
             ]
+            if x.shape[1] % 32:  # token groups only: no row blocks
+                continue
+            rows_q, rows_s = numerics.rebase_rowwise(*numerics.to_mx(x.cpu(), mode=mode), dim=-1)
+            both = quantize_rebase_rows_and_token_groups(x, offs, mode)
+            what = f"rows and token groups {offs.tolist()} {mode}"
+            failures += [_byte_mismatch(f"{what} {part}", x, got, want) for part, got, want in zip(
+                ("row data", "row scales", "column data", "group scales", "padded offsets"),
+                both, (rows_q, rows_s, rq.t(), rs, rpo))]
     return [f for f in failures if f]
 
 

@@ -3,6 +3,7 @@ is monkeypatched to report an SM90 device. The same path runs for real in test_g
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -87,10 +88,15 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     result = compare(model, sm90, (x,), mse_to("random"))
     report = mxfp8_compile.last_report()
     assert report.target == "sm90" and len(report.converted()) == 30
-    targets_in_graph = {str(n.target) for gm in graphs.values() for n in gm.graph.nodes}
-    assert {"mxfp8.quantize_rebase.default", "mxfp8.quantize_rebase_token_groups.default",
-            "mxfp8.scaled_grouped_mm_rowwise.default", "mxfp8.scaled_mm_rowwise.default"} <= targets_in_graph
-    assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & targets_in_graph
+    (joint,) = [gm for name, gm in graphs.items() if name == "joint"]
+    targets_in_graph = collections.Counter(str(n.target) for n in joint.graph.nodes)
+    assert {"mxfp8.quantize_rebase.default", "mxfp8.scaled_grouped_mm_rowwise.default",
+            "mxfp8.scaled_mm_rowwise.default"} <= set(targets_in_graph)
+    assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & set(targets_in_graph)
+    # every activation an expert GEMM casts along K and its wgrad along tokens is cast once for
+    # both: x (shared by the gate and up projections), h (down), and the backward's dy of each
+    assert targets_in_graph["mxfp8.quantize_rebase_rows_and_token_groups.default"] == 5
+    assert targets_in_graph["mxfp8.quantize_rebase_token_groups.default"] == 0
     # each GEMM reads fp32 scales decoded by graph ops (which Inductor fuses), not by the op itself
     rowwise = [n for gm in graphs.values() for n in gm.graph.nodes if str(n.target).endswith("mm_rowwise.default")]
     assert rowwise

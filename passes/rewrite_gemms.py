@@ -95,8 +95,11 @@ def _cast_key(node: fx.Node, transposed: bool, offs: fx.Node) -> _CastKey:
 
 class _SharedCasts:
     """sm90: the activations cast along K for a grouped GEMM (the forward's x, the dgrad's dy) and
-    along tokens for a wgrad with the same offsets; one ``quantize_rebase_rows_and_token_groups``
-    node serves both, inserted before whichever of the GEMMs comes first."""
+    along tokens for a wgrad with the same offsets, each cast once for every GEMM that reads it
+    (x feeds the gate and the up projection), before whichever of the GEMMs comes first. Rows up
+    to ``SHARED_READ_MAX_K`` long take ``quantize_rebase_rows_and_token_groups`` (one op, fewer
+    reads of x); longer ones the two casts, whose row cast Inductor lowers through the template
+    that fuses its producer."""
 
     def __init__(self, matches: list[GemmMatch], keep_apart: frozenset[fx.Node]) -> None:
         converted = [m for m in matches if m.decision]
@@ -112,8 +115,15 @@ class _SharedCasts:
         if key not in self.shared:
             return None
         if key not in self.outputs:
+            from mxfp8_compile.lowering.triton_quantize import SHARED_READ_MAX_K
+
             x = n.transposed(key[0]) if key[1] else key[0]
-            self.outputs[key] = n.multi(mxfp8.quantize_rebase_rows_and_token_groups.default, x, key[2], mode)
+            k = x.meta["val"].shape[-1]
+            if isinstance(k, int) and k <= SHARED_READ_MAX_K:
+                self.outputs[key] = n.multi(mxfp8.quantize_rebase_rows_and_token_groups.default, x, key[2], mode)
+            else:
+                self.outputs[key] = [*n.multi(mxfp8.quantize_rebase.default, x, mode),
+                                     *n.multi(mxfp8.quantize_rebase_token_groups.default, x, key[2], mode)]
         return self.outputs[key]
 
 

@@ -137,3 +137,22 @@ def test_auto_picks_sm90_only_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
     for capability, expected in (((9, 0), "sm90"), ((8, 0), "emulated"), ((10, 0), "sm100"), ((12, 0), "emulated")):
         monkeypatch.setattr(targets, "device_capability", lambda device, c=capability: c)
         assert targets.select_target(Config(), cuda) == expected
+
+
+@pytest.mark.usefixtures("pretend_sm90")
+def test_long_rows_share_their_casts_as_two_ops() -> None:
+    # rows longer than SHARED_READ_MAX_K (x and the down projection's dy, dim 2560) get the two
+    # casts, each once for all its GEMMs; the expert hidden dim (64) gets the one op
+    model, (x,) = build(MoEConfig(layers=1, dim=2560, heads=4, expert_hidden=64, experts=2, shared_hidden=0))
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    compiled = torch.compile(model, backend=mxfp8_compile.backend(Config(target="sm90"), inductor=False,
+                                                                   on_graph=graphs.__setitem__))
+    compiled(x).float().sum().backward()
+    nodes = list(graphs["joint"].graph.nodes)
+    shared = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_rows_and_token_groups.default]
+    groups = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_token_groups.default]
+    assert {n.args[0].meta["val"].shape[-1] for n in shared} == {64} and len(shared) == 3
+    assert [n.args[0].meta["val"].shape[-1] for n in groups] == [2560, 2560]
+    # x, read by the gate and the up projection, is cast once along K and once along tokens
+    x_casts = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase.default and n.args[0] is groups[0].args[0]]
+    assert len(x_casts) == 1

@@ -5,7 +5,8 @@ once each. Kernels: ``quantize_rebase`` of a row-major activation (the forward's
 transposed view (a weight cast along its other dim, for dgrad); ``quantize_rebase_token_groups``
 (the wgrad's operands, 8 groups, uniform or skewed); ``quantize_rebase_rows_and_token_groups``
 (both casts of one activation, the forward's x or the dgrad's dy, from two reads of it) beside
-the two casts one after the other. Timed with ``triton.testing.do_bench``
+the two casts one after the other; ``quantize_rows_and_token_groups``, the same two casts
+without the rebase (the sm100 target's MX operands) in one kernel and one read. Timed with ``triton.testing.do_bench``
 (median) over rotating inputs.
 
     python benchmarks/bench_cast.py --sweep --out cast.json
@@ -34,6 +35,8 @@ ROW_TILES = [(1, 2048, 4), (1, 8192, 4), (1, 8192, 8), (1, 8192, 16), (2, 8192, 
 COLUMN_TILES = [(128, 64, 4), (32, 32, 1), (32, 64, 1), (64, 64, 1), (32, 128, 1), (64, 32, 1), (32, 64, 2), (32, 128, 2)]
 # (BLOCK_M, BLOCK_R, warps) of the first kernel of the rows-and-token-groups cast
 BOTH_TILES = [(16, 1, 16), (32, 1, 16), (64, 1, 16), (32, 1, 8), (32, 2, 16), (64, 2, 16), (128, 4, 16)]
+# (BLOCK_K, warps) of the MX rows-and-token-groups kernel
+MX_BOTH_TILES = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 4), (256, 8)]
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -70,6 +73,10 @@ def main() -> None:
             kernels[f"rows and token groups, one op, {routing}"] = (
                 lambda tile=None, offs=offs: triton_quantize.quantize_rebase_rows_and_token_groups(nxt(), offs, tile=tile),
                 both_bytes, BOTH_TILES)
+            mx_bytes = m * k * 2 + m * k + m * k // 32 + padded_rows_bound(m, 8, 32) * k * 33 // 32
+            kernels[f"MX rows and token groups, one kernel, {routing}"] = (
+                lambda tile=None, offs=offs: triton_quantize.quantize_rows_and_token_groups(nxt(), offs, tile=tile),
+                mx_bytes, MX_BOTH_TILES)
             kernels[f"rows, then token groups, {routing}"] = (
                 lambda offs=offs: (lambda x: (triton_quantize.quantize_rebase_rows(x),
                                               triton_quantize.quantize_rebase_token_groups(x, offs)))(nxt()),
@@ -83,7 +90,7 @@ def main() -> None:
             if args.sweep:  # for choosing the kernels' default tiles
                 for tile in tiles:
                     ts = _time(lambda: run(tile))
-                    print(f"|   tile {tile[0]}x{tile[1]}, {tile[2]} warps | | | {ts:.3f} | {moved / ts / 1e9:.2f} | "
+                    print(f"|   tile {'x'.join(map(str, tile[:-1]))}, {tile[-1]} warps | | | {ts:.3f} | {moved / ts / 1e9:.2f} | "
                           f"{moved / ts / 1e9 / copy_bw:.0%} |", flush=True)
         del nxt, dst
     # the op dispatches to the same kernel: check nothing is lost on the way

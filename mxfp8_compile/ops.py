@@ -11,6 +11,7 @@ Contracts (``numerics`` states the layout conventions):
 =========================  ========================================================================
 quantize                   x (..., D, ...) bf16/fp16/fp32 along ``dim`` -> (qdata e4m3, scales u8)
 quantize_token_groups      x (M, K), offs (G,) -> (qdata (Mp, K), scales (Mp/32, K), padded offs)
+quantize_rows_and_token_groups  x (M, K), offs -> both of the above, x read once on CUDA (Triton)
 dequantize                 (qdata, scales, dim, dtype) -> dtype
 to_blocked                 scales (..., R, C) -> SM100 blocked bytes (..., round_up(R,128),
                            round_up(C,4))
@@ -70,7 +71,7 @@ def quantize(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Ten
 
 
 @quantize.register_fake
-def _(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+def _quantize_fake(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     numerics.check_high_precision("x", x)
     dim = numerics.check_block_dim("x", x, dim)
     numerics.ScaleMode.parse(mode)
@@ -96,13 +97,36 @@ def _padded_token_rows(x: Tensor, offs: Tensor, mode: str) -> int:
 
 
 @quantize_token_groups.register_fake
-def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+def _quantize_token_groups_fake(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
     rows = _padded_token_rows(x, offs, mode)
     return (
         x.new_empty(rows, x.shape[1], dtype=_E4M3),
         x.new_empty(rows // BLOCK_SIZE, x.shape[1], dtype=_U8),
         offs.new_empty(offs.shape),
     )
+
+
+@torch.library.custom_op("mxfp8::quantize_rows_and_token_groups", mutates_args=())
+def quantize_rows_and_token_groups(
+    x: Tensor, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``quantize(x, -1)`` and ``quantize_token_groups(x, offs)`` together: x (M, K) -> (rows
+    (M, K), row scales (M, K/32), token groups (Mp, K), their scales (Mp/32, K), padded offs).
+    The MX operands of a grouped GEMM along K and of its wgrad along tokens (sm100); on CUDA one
+    Triton kernel that reads x once."""
+    return (*quantize(x, -1, mode), *quantize_token_groups(x, offs, mode))
+
+
+@quantize_rows_and_token_groups.register_kernel("cuda")
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_rows_and_token_groups as kernel
+
+    return kernel(x, offs, mode)
+
+
+@quantize_rows_and_token_groups.register_fake
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (*_quantize_fake(x, -1, mode), *_quantize_token_groups_fake(x, offs, mode))
 
 
 @torch.library.custom_op("mxfp8::dequantize", mutates_args=())

@@ -47,6 +47,12 @@ torch's kernel looks for them), B's per expert, both 2Dx2D operands' per padded 
     y = mxfp8.scaled_mm_blocked(qa, mxfp8.to_blocked(sa), qbt^T, mxfp8.to_blocked(sbt), dtype)
 
 A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
+
+On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad along tokens
+(the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``)::
+
+    ra, ra_scale, rxt, sx, po = mxfp8.quantize_rebase_rows_and_token_groups(x, offs, mode)   # sm90
+    qa, sa, qx, sx, po = mxfp8.quantize_rows_and_token_groups(x, offs, mode)                # sm100
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ import torch.fx as fx
 from mxfp8_compile import numerics
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes._graph import insert_call, insert_multi, insert_traced
-from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
+from mxfp8_compile.passes.find_gemms import GemmMatch
 from mxfp8_compile.passes.report import Layout
 
 mxfp8 = torch.ops.mxfp8
@@ -72,7 +78,7 @@ def rewrite_gemms(
 ) -> None:
     """Rewrite every converted match in place, for ``target``. ``keep_apart``: nodes whose casts
     must stay separate ops (the rows a hoist moves: it moves the row cast alone)."""
-    casts = _SharedCasts(matches, keep_apart) if target == "sm90" else None
+    casts = _Casts(matches, target, config.scale_mode, keep_apart)
     for match in matches:
         if match.decision:
             nodes = _Nodes(graph, match, casts)
@@ -93,44 +99,70 @@ def _cast_key(node: fx.Node, transposed: bool, offs: fx.Node) -> _CastKey:
     return node, transposed, offs
 
 
-class _SharedCasts:
-    """sm90: the activations cast along K for a grouped GEMM (the forward's x, the dgrad's dy) and
-    along tokens for a wgrad with the same offsets, each cast once for every GEMM that reads it
-    (x feeds the gate and the up projection), before whichever of the GEMMs comes first. Rows up
-    to ``SHARED_READ_MAX_K`` long take ``quantize_rebase_rows_and_token_groups`` (one op, fewer
-    reads of x); longer ones the two casts, whose row cast Inductor lowers through the template
-    that fuses its producer."""
+class _Casts:
+    """The operand casts of one graph's GEMMs for ``target``: MX (emulated, sm100) or rebased
+    (sm90), along K (``rows``) or along tokens per group (``token_groups``).
 
-    def __init__(self, matches: list[GemmMatch], keep_apart: frozenset[fx.Node]) -> None:
-        converted = [m for m in matches if m.decision]
+    On sm90 and sm100, an activation cast along K for a grouped GEMM (the forward's x, the dgrad's
+    dy) and along tokens for a wgrad with the same offsets is cast once for every GEMM that
+    reads it (x feeds the gate and the up projection), before whichever of them comes first: in
+    one op where that pays (sm100's ``quantize_rows_and_token_groups`` reads x once; sm90's
+    ``quantize_rebase_rows_and_token_groups`` twice instead of three times, for rows up to
+    ``SHARED_READ_MAX_K``), else as the two casts (sm90's longer rows: the row cast then keeps
+    the template that fuses its producer). The emulated target, the reference, casts every
+    operand where its GEMM reads it.
+    """
+
+    def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node]) -> None:
+        self.rebased, self.mode = target == "sm90", mode
+        converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
         rows = {_cast_key(m.a.node, m.a.transposed, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D3D}
         tokens = {_cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
                   for key in ((m.a.node, not m.a.transposed), (m.b.node, m.b.transposed))}
         self.shared = {key for key in rows & tokens if key[0] not in keep_apart}
         self.outputs: dict[_CastKey, list[fx.Node]] = {}
 
-    def cast(self, key: _CastKey, n: _Nodes, mode: str) -> list[fx.Node] | None:
-        """The five outputs of the shared cast of ``key``, or None where it has no second user."""
-        key = _cast_key(*key)
-        if key not in self.shared:
-            return None
+    def rows(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node | None) -> list[fx.Node]:
+        """``(data, scales)`` of 2D or 3D ``node`` (or its transpose) along its last dim."""
+        if offs is not None and _cast_key(node, transposed, offs) in self.shared:
+            return self._shared(n, _cast_key(node, transposed, offs))[:2]
+        return self._rows(n, n.transposed(node) if transposed else node)
+
+    def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
+        """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""
+        if _cast_key(node, transposed, offs) in self.shared:
+            return self._shared(n, _cast_key(node, transposed, offs))[2:]
+        return self._token_groups(n, n.transposed(node) if transposed else node, offs)
+
+    def _rows(self, n: _Nodes, x: fx.Node) -> list[fx.Node]:
+        if self.rebased:
+            return n.multi(mxfp8.quantize_rebase.default, x, self.mode)
+        return n.multi(mxfp8.quantize.default, x, -1, self.mode)
+
+    def _token_groups(self, n: _Nodes, x: fx.Node, offs: fx.Node) -> list[fx.Node]:
+        op = mxfp8.quantize_rebase_token_groups if self.rebased else mxfp8.quantize_token_groups
+        return n.multi(op.default, x, offs, self.mode)
+
+    def _shared(self, n: _Nodes, key: _CastKey) -> list[fx.Node]:
         if key not in self.outputs:
             from mxfp8_compile.lowering.triton_quantize import SHARED_READ_MAX_K
 
             x = n.transposed(key[0]) if key[1] else key[0]
             k = x.meta["val"].shape[-1]
-            if isinstance(k, int) and k <= SHARED_READ_MAX_K:
-                self.outputs[key] = n.multi(mxfp8.quantize_rebase_rows_and_token_groups.default, x, key[2], mode)
+            if not self.rebased:
+                both = n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode)
+            elif isinstance(k, int) and k <= SHARED_READ_MAX_K:
+                both = n.multi(mxfp8.quantize_rebase_rows_and_token_groups.default, x, key[2], self.mode)
             else:
-                self.outputs[key] = [*n.multi(mxfp8.quantize_rebase.default, x, mode),
-                                     *n.multi(mxfp8.quantize_rebase_token_groups.default, x, key[2], mode)]
+                both = [*self._rows(n, x), *self._token_groups(n, x, key[2])]
+            self.outputs[key] = both
         return self.outputs[key]
 
 
 class _Nodes:
     """Builds the nodes that replace one GEMM: each inserted before it, with its metadata."""
 
-    def __init__(self, graph: fx.Graph, m: GemmMatch, casts: _SharedCasts | None = None) -> None:
+    def __init__(self, graph: fx.Graph, m: GemmMatch, casts: _Casts) -> None:
         self.graph, self.gemm, self.provenance = graph, m.node, f"rewrite_gemms:{m.site.label}"
         self.casts = casts
 
@@ -146,31 +178,26 @@ class _Nodes:
     def transposed(self, node: fx.Node) -> fx.Node:
         return self.call(aten.permute.default, node, [1, 0] if node.meta["val"].dim() == 2 else [0, 2, 1])
 
-    def materialize(self, op: Operand) -> fx.Node:
-        return self.transposed(op.node) if op.transposed else op.node
 
-    def transpose_of(self, op: Operand) -> fx.Node:
-        return op.node if op.transposed else self.transposed(op.node)
-
-
-def _quantize_mx(m: GemmMatch, mode: str, n: _Nodes) -> tuple[fx.Node, ...]:
-    """The MX operands of the emulated and sm100 targets, as the quantize ops return them.
+def _cast_operands(m: GemmMatch, n: _Nodes) -> tuple[fx.Node, ...]:
+    """The operands as the target's casts return them (MX, or rebased on sm90).
 
     2Dx2D: ``(qa, sa, qb, sb, padded_offs)``, A's (M, N) token-major transpose and B (M, K) along
-    tokens per group. 2Dx3D and dense: ``(qa, sa, qbt, sbt, offs)``, A and B's transpose along K.
+    tokens per group (the rebased data written transposed: A (N, Mp), B^T (K, Mp)). 2Dx3D and
+    dense: ``(qa, sa, qbt, sbt, offs)``, A and B's transpose along K.
     """
     if m.site.layout is Layout.GROUPED_2D2D:
-        qa, sa, padded_offs = n.multi(mxfp8.quantize_token_groups.default, n.transpose_of(m.a), m.offs, mode)
-        qb, sb, _ = n.multi(mxfp8.quantize_token_groups.default, n.materialize(m.b), m.offs, mode)
+        qa, sa, padded_offs = n.casts.token_groups(n, m.a.node, not m.a.transposed, m.offs)
+        qb, sb, _ = n.casts.token_groups(n, m.b.node, m.b.transposed, m.offs)
         return qa, sa, qb, sb, padded_offs
-    qa, sa = n.multi(mxfp8.quantize.default, n.materialize(m.a), -1, mode)
-    qbt, sbt = n.multi(mxfp8.quantize.default, n.transpose_of(m.b), -1, mode)
+    qa, sa = n.casts.rows(n, m.a.node, m.a.transposed, m.offs)
+    qbt, sbt = n.casts.rows(n, m.b.node, not m.b.transposed, None)
     return qa, sa, qbt, sbt, m.offs
 
 
 def _emit_emulated(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     """MX operands with their scales as they are (no rearrange), the emulated GEMMs."""
-    qa, sa, qb, sb, offs = _quantize_mx(m, config.scale_mode, n)
+    qa, sa, qb, sb, offs = _cast_operands(m, n)
     if m.site.layout is Layout.GROUPED_2D2D:  # A back to (N, Mp)
         return n.call(mxfp8.scaled_grouped_mm.default, n.transposed(qa), n.transposed(sa), qb, sb, offs, m.out_dtype)
     b = (n.transposed(qb), n.transposed(sb))  # B^T quantized, viewed back as B
@@ -179,34 +206,15 @@ def _emit_emulated(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     return n.call(mxfp8.scaled_grouped_mm.default, qa, sa, *b, offs, m.out_dtype)
 
 
-def _rebased_operands(m: GemmMatch, mode: str, n: _Nodes) -> tuple[fx.Node, ...]:
-    """The sm90 target's operands: quantized and rebased in one kernel each, scales decoded to
-    fp32. ``(qa, sa, qbt, sb, offs)``; for 2Dx2D both written with tokens contiguous, A (N, Mp)
-    and B^T (K, Mp), ``offs`` the padded ones; else A and B^T along K, ``offs`` the GEMM's."""
-    if m.site.layout is Layout.GROUPED_2D2D:
-        qa, sa, offs = _token_group_cast(m.a.node, not m.a.transposed, m, mode, n)
-        qbt, sb, _ = _token_group_cast(m.b.node, m.b.transposed, m, mode, n)
-    else:
-        shared = n.casts and m.offs is not None and n.casts.cast((m.a.node, m.a.transposed, m.offs), n, mode)
-        qa, sa = shared[:2] if shared else n.multi(mxfp8.quantize_rebase.default, n.materialize(m.a), mode)
-        qbt, sb = n.multi(mxfp8.quantize_rebase.default, n.transpose_of(m.b), mode)
-        offs = m.offs
+def _rebased_operands(m: GemmMatch, n: _Nodes) -> tuple[fx.Node, ...]:
+    """The sm90 target's operands (``_cast_operands``), their scales decoded to fp32."""
+    qa, sa, qbt, sb, offs = _cast_operands(m, n)
     return qa, n.traced(numerics.e8m0_to_fp32, sa), qbt, n.traced(numerics.e8m0_to_fp32, sb), offs
-
-
-def _token_group_cast(node: fx.Node, transposed: bool, m: GemmMatch, mode: str, n: _Nodes) -> list[fx.Node]:
-    """sm90's cast of wgrad operand ``node`` (or its transpose) along tokens: ``(data (.., Mp)
-    tokens contiguous, group scales, padded offs)``, from the shared cast where there is one."""
-    shared = n.casts and n.casts.cast((node, transposed, m.offs), n, mode)
-    if shared:
-        return shared[2:]
-    x = n.transposed(node) if transposed else node
-    return n.multi(mxfp8.quantize_rebase_token_groups.default, x, m.offs, mode)
 
 
 def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     """The rebased operands, then the FP8 rowwise GEMMs."""
-    qa, sa, qbt, sb, offs = _rebased_operands(m, config.scale_mode, n)
+    qa, sa, qbt, sb, offs = _rebased_operands(m, n)
     if m.site.layout is Layout.DENSE:
         return n.call(mxfp8.scaled_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.out_dtype, config.fast_accum)
     return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, offs, m.out_dtype,
@@ -216,7 +224,7 @@ def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
 def _emit_sm100(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     """The emulated target's MX operands, their scales rearranged into the blocked layouts
     torch's MX GEMMs read, then the blocked-scale GEMM."""
-    qa, sa, qb, sb, offs = _quantize_mx(m, config.scale_mode, n)
+    qa, sa, qb, sb, offs = _cast_operands(m, n)
     if m.site.layout is Layout.GROUPED_2D2D:
         # Both operands along tokens, padded per group; each group's scale columns blocked alone.
         sa_blocked = n.call(mxfp8.to_blocked_k_groups.default, n.transposed(sa), offs)

@@ -69,6 +69,13 @@ def _byte_mismatch(what: str, x: torch.Tensor, got: torch.Tensor, want: torch.Te
     return f"{what} {tuple(x.shape)} {x.dtype}: {int((got != want).sum())} bytes differ at {bad}: {examples}"
 
 
+def _parts_mismatch(what: str, x: torch.Tensor, got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> list[str | None]:
+    """``_byte_mismatch`` of each output of a cast returning (row data, row scales, token-group
+    data, their scales, padded offsets)."""
+    parts = ("row data", "row scales", "token-group data", "token-group scales", "padded offsets")
+    return [_byte_mismatch(f"{what} {part}", x, g, w) for part, g, w in zip(parts, got, want, strict=True)]
+
+
 @contextlib.contextmanager
 def _poisoned_allocations() -> Iterator[None]:
     """Every ``torch.empty`` filled with 0xA5 bytes: an output byte a kernel never writes then
@@ -98,6 +105,7 @@ def _mismatches(device: str, large: bool) -> list[str]:
         quantize_rebase_rows,
         quantize_rebase_rows_and_token_groups,
         quantize_rebase_token_groups,
+        quantize_rows_and_token_groups,
     )
 
     failures = []
@@ -117,12 +125,14 @@ def _mismatches(device: str, large: bool) -> list[str]:
             ]
             if x.shape[1] % 32:  # token groups only: no row blocks
                 continue
-            rows_q, rows_s = numerics.rebase_rowwise(*numerics.to_mx(x.cpu(), mode=mode), dim=-1)
-            both = quantize_rebase_rows_and_token_groups(x, offs, mode)
-            what = f"rows and token groups {offs.tolist()} {mode}"
-            failures += [_byte_mismatch(f"{what} {part}", x, got, want) for part, got, want in zip(
-                ("row data", "row scales", "column data", "group scales", "padded offsets"),
-                both, (rows_q, rows_s, rq.t(), rs, rpo))]
+            mx_rows = numerics.to_mx(x.cpu(), mode=mode)
+            mx_groups = numerics.to_mx_token_groups(x.cpu(), offs.cpu(), mode=mode)
+            failures += _parts_mismatch(f"MX rows and token groups {offs.tolist()} {mode}", x,
+                                        quantize_rows_and_token_groups(x, offs, mode), (*mx_rows, *mx_groups))
+            rows_q, rows_s = numerics.rebase_rowwise(*mx_rows, dim=-1)
+            failures += _parts_mismatch(f"rebased rows and token groups {offs.tolist()} {mode}", x,
+                                        quantize_rebase_rows_and_token_groups(x, offs, mode),
+                                        (rows_q, rows_s, rq.t(), rs, rpo))
     return [f for f in failures if f]
 
 

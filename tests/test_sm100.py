@@ -233,6 +233,9 @@ def test_sm100_rewrite_of_the_moe_model(monkeypatch: pytest.MonkeyPatch) -> None
     assert nodes.count("mxfp8.scaled_mm_blocked.default") == 21
     assert {"mxfp8.to_blocked_m_groups.default", "mxfp8.to_blocked_k_groups.default"} <= set(nodes)
     assert not {"mxfp8.scaled_grouped_mm.default", "mxfp8.scaled_mm.default", "aten._grouped_mm.default"} & set(nodes)
+    # x (gate and up projections), h and the three dy: each cast along K and along tokens at once
+    assert nodes.count("mxfp8.quantize_rows_and_token_groups.default") == 5
+    assert nodes.count("mxfp8.quantize_token_groups.default") == 0
 
     emulated_out, emulated_grads = _train(model, x, mxfp8_compile.backend(Config(target="emulated"), inductor=False))
     assert torch.equal(out, emulated_out)

@@ -579,30 +579,35 @@ def quantize_rebase_rows_and_token_groups(
 
 
 @triton.jit
-def _quantize_rows_and_token_groups_kernel(
+def _mx_rows_and_token_groups_kernel(
     x_ptr, offs_ptr,  # x (M, K) any strides; offs (G,) int32
     rows_ptr, row_scale_ptr,  # (M, K) e4m3 bytes, (M, K/32) u8, both contiguous
     cols_ptr, col_scale_ptr, padded_offs_ptr,  # (Mp, K) e4m3 bytes, (Mp/32, K) u8, (G,) int32
     M, K, Mp, G,
     stride_xm, stride_xk,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
+    WRITE_ROWS: tl.constexpr, WRITE_COLUMNS: tl.constexpr,
 ):
     """Program (s, k): work item s, a 32-row chunk, columns [k*BLOCK_K, +BLOCK_K). Entries
     g < G are the groups, 32 padded rows a chunk: each 32-row block of a column quantized with
-    its own scale (the token-group cast, padding rows zero), and each row's 32-column blocks
-    (the row cast) of the rows that are x's. Entry G is the padding after the last group (zero
-    data, scale byte 0), entry G + 1 the rows past the last group (row cast only). One read of
-    x for both casts."""
+    its own scale (the token-group cast, padding rows zero; if WRITE_COLUMNS), and each row's
+    32-column blocks (the row cast, if WRITE_ROWS) of the rows that are x's. Entry G is the
+    padding after the last group (zero data, scale byte 0), entry G + 1 the rows past the last
+    group (row cast only). One read of x for both casts."""
     g = tl.arange(0, BLOCK_G)
     starts, sizes, padded_starts, padded_sizes = _group_layout(offs_ptr, G, Mp, BLOCK_G)
     tail = tl.sum(tl.where(g == G - 1, starts + sizes, 0), axis=0)
     starts = tl.where(g == G + 1, tail, starts)
     sizes = tl.where(g == G + 1, M - tail, sizes)
-    chunks = tl.where(g < G, tl.cdiv(sizes, 32), tl.where(g == G, padded_sizes // 32, 0))
-    chunks = tl.where(g == G + 1, tl.cdiv(M - tail, 32), chunks)
+    chunks = tl.where(g < G, tl.cdiv(sizes, 32), 0)
+    if WRITE_COLUMNS:
+        chunks = tl.where(g == G, padded_sizes // 32, chunks)
+    if WRITE_ROWS:
+        chunks = tl.where(g == G + 1, tl.cdiv(M - tail, 32), chunks)
     group, chunk = _chunk_owner(tl.program_id(0), chunks, BLOCK_G)
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(padded_offs_ptr + g, padded_starts + padded_sizes, mask=g < G)
+    if WRITE_COLUMNS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(padded_offs_ptr + g, padded_starts + padded_sizes, mask=g < G)
     if group <= G + 1:
         local = chunk * 32 + tl.arange(0, 32)
         source = _of_group(starts, group, BLOCK_G) + local
@@ -611,30 +616,87 @@ def _quantize_rows_and_token_groups_kernel(
         col_mask = cols < K
         x = tl.load(x_ptr + source.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
                     mask=valid[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        if group <= G:  # along tokens: one block of 32 padded rows per column
-            amax, has_nan = _abs_max(x, 0)
-            scale = _e8m0(amax, has_nan, RCEIL)  # (BLOCK_K,)
-            padded = _of_group(padded_starts, group, BLOCK_G) + chunk * 32
-            tl.store(cols_ptr + (padded + tl.arange(0, 32)).to(tl.int64)[:, None] * K + cols[None, :],
-                     _quantize_shifted(x, scale[None, :], scale[None, :], HW_CAST), mask=col_mask[None, :])
-            tl.store(col_scale_ptr + (padded // 32).to(tl.int64) * K + cols, scale.to(tl.uint8), mask=col_mask)
-        if group != G:  # along the rows: the rows of x in this chunk
-            NUM_BLOCKS: tl.constexpr = BLOCK_K // 32
-            blocks = tl.reshape(x, (32, NUM_BLOCKS, 32))
-            amax, has_nan = _abs_max(blocks, 2)
-            scale = _e8m0(amax, has_nan, RCEIL)  # (32, NUM_BLOCKS)
-            q = tl.reshape(_quantize_shifted(blocks, scale[:, :, None], scale[:, :, None], HW_CAST), (32, BLOCK_K))
-            tl.store(rows_ptr + source.to(tl.int64)[:, None] * K + cols[None, :], q,
-                     mask=valid[:, None] & col_mask[None, :])
-            block_cols = tl.program_id(1) * NUM_BLOCKS + tl.arange(0, NUM_BLOCKS)
-            tl.store(row_scale_ptr + source.to(tl.int64)[:, None] * (K // 32) + block_cols[None, :], scale.to(tl.uint8),
-                     mask=valid[:, None] & (block_cols < K // 32)[None, :])
+        if WRITE_COLUMNS:
+            if group <= G:  # along tokens: one block of 32 padded rows per column
+                amax, has_nan = _abs_max(x, 0)
+                scale = _e8m0(amax, has_nan, RCEIL)  # (BLOCK_K,)
+                padded = _of_group(padded_starts, group, BLOCK_G) + chunk * 32
+                tl.store(cols_ptr + (padded + tl.arange(0, 32)).to(tl.int64)[:, None] * K + cols[None, :],
+                         _quantize_shifted(x, scale[None, :], scale[None, :], HW_CAST), mask=col_mask[None, :])
+                tl.store(col_scale_ptr + (padded // 32).to(tl.int64) * K + cols, scale.to(tl.uint8), mask=col_mask)
+        if WRITE_ROWS:
+            if group != G:  # along the rows: the rows of x in this chunk
+                NUM_BLOCKS: tl.constexpr = BLOCK_K // 32
+                blocks = tl.reshape(x, (32, NUM_BLOCKS, 32))
+                amax, has_nan = _abs_max(blocks, 2)
+                scale = _e8m0(amax, has_nan, RCEIL)  # (32, NUM_BLOCKS)
+                q = tl.reshape(_quantize_shifted(blocks, scale[:, :, None], scale[:, :, None], HW_CAST), (32, BLOCK_K))
+                tl.store(rows_ptr + source.to(tl.int64)[:, None] * K + cols[None, :], q,
+                         mask=valid[:, None] & col_mask[None, :])
+                block_cols = tl.program_id(1) * NUM_BLOCKS + tl.arange(0, NUM_BLOCKS)
+                tl.store(row_scale_ptr + source.to(tl.int64)[:, None] * (K // 32) + block_cols[None, :],
+                         scale.to(tl.uint8), mask=valid[:, None] & (block_cols < K // 32)[None, :])
 
 
-# (BLOCK_K, num_warps) of _quantize_rows_and_token_groups_kernel, the fastest of seven tiles on
-# an H200 at every size timed (benchmarks/RESULTS.md, 2026-12-04): one warp, so that the 32-row
+# (BLOCK_K, num_warps) of _mx_rows_and_token_groups_kernel, the fastest of seven tiles on an
+# H200 at every size timed (benchmarks/RESULTS.md, 2026-12-04): one warp, so that the 32-row
 # column blocks reduce within it (four warps: 1.6-1.7x slower)
-ROWS_AND_TOKEN_GROUPS_TILE = (128, 1)
+MX_TILE = (128, 1)
+
+
+def _mx_casts(
+    x: torch.Tensor, offs: torch.Tensor, mode: str, rows: bool, columns: bool, tile: tuple[int, int] | None,
+) -> tuple[torch.Tensor, ...]:
+    """The MX casts of x (M, K) that ``rows`` and ``columns`` ask for, in one launch:
+    ``(rows, row scales)`` then ``(token groups, their scales, padded offs)``."""
+    check_high_precision("x", x)
+    if rows:
+        check_block_dim("x", x, -1)
+    (m, k), groups = x.shape, offs.shape[0]
+    mp = padded_rows_bound(m, groups, BLOCK_SIZE) if columns else 0
+    out = {
+        "rows": torch.empty(m if rows else 0, k, dtype=torch.float8_e4m3fn, device=x.device),
+        "row_scales": torch.empty(m if rows else 0, k // BLOCK_SIZE, dtype=torch.uint8, device=x.device),
+        "cols": torch.empty(mp, k, dtype=torch.float8_e4m3fn, device=x.device),
+        "col_scales": torch.empty(mp // BLOCK_SIZE, k, dtype=torch.uint8, device=x.device),
+        "padded_offs": torch.empty(groups, dtype=torch.int32, device=x.device),
+    }
+    parts = (["rows", "row_scales"] if rows else []) + (["cols", "col_scales", "padded_offs"] if columns else [])
+    if k == 0 or m == 0:
+        out["padded_offs"].copy_(numerics.padded_group_offsets(offs))
+        return tuple(out[p].zero_() if p != "padded_offs" else out[p] for p in parts)
+    block_k, num_warps = tile or MX_TILE
+    block_k = max(min(block_k, triton.next_power_of_2(k)), BLOCK_SIZE)
+    # 32-row chunks: Mp/32 for the groups and the padding after them, at most cdiv(M, 32) past them
+    chunks = mp // 32 + (triton.cdiv(m, 32) if rows else 0)
+    _mx_rows_and_token_groups_kernel[(chunks, triton.cdiv(k, block_k))](
+        x, offs, out["rows"].view(torch.uint8), out["row_scales"], out["cols"].view(torch.uint8),
+        out["col_scales"], out["padded_offs"], m, k, mp, groups, x.stride(0), x.stride(1),
+        BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
+        HW_CAST=not _INTERPRETED, WRITE_ROWS=rows, WRITE_COLUMNS=columns, num_warps=num_warps,
+    )
+    return tuple(out[p] for p in parts)
+
+
+def quantize_rows(x: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numerics.to_mx(x, dim=-1)`` in one CUDA kernel: x (..., K) bf16/fp16/fp32, any
+    strides (rows that do not flatten to a 2D view are copied first), K a multiple of 32 ->
+    ``(qdata (..., K) e4m3, scales (..., K/32) u8)``. ``tile`` as ``quantize_rows_and_token_groups``."""
+    check_block_dim("x", x, -1)
+    q, s = _mx_casts(x.reshape(-1, x.shape[-1]), x.new_zeros(0, dtype=torch.int32), mode, True, False, tile)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
+
+
+def quantize_token_groups(
+    x: torch.Tensor, offs: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``numerics.to_mx_token_groups(x, offs)`` in one CUDA kernel: x (M, K) any strides, offs
+    (G,) int32 -> ``(qdata (Mp, K) e4m3, scales (Mp/32, K) u8, padded offs (G,) int32)``."""
+    check_offsets("offs", offs)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    return _mx_casts(x, offs, mode, False, True, tile)
 
 
 def quantize_rows_and_token_groups(
@@ -647,33 +709,12 @@ def quantize_rows_and_token_groups(
     Input: ``x`` (M, K) bf16/fp16/fp32 on CUDA, any strides, K a multiple of 32; ``offs`` (G,)
     int32 group end offsets. Output: ``(rows (M, K) e4m3, row scales (M, K/32) u8, token groups
     (Mp, K) e4m3, their scales (Mp/32, K) u8, padded offs (G,) int32)``, ``Mp =
-    padded_rows_bound(M, G, 32)``. ``tile``: ``(BLOCK_K, num_warps)``, by default
-    ``ROWS_AND_TOKEN_GROUPS_TILE``.
+    padded_rows_bound(M, G, 32)``. ``tile``: ``(BLOCK_K, num_warps)``, by default ``MX_TILE``.
     """
-    check_high_precision("x", x)
-    check_block_dim("x", x, -1)
     check_offsets("offs", offs)
     if x.dim() != 2:
         raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
-    (m, k), groups = x.shape, offs.shape[0]
-    mp = padded_rows_bound(m, groups, BLOCK_SIZE)
-    rows = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    row_scales = torch.empty(m, k // BLOCK_SIZE, dtype=torch.uint8, device=x.device)
-    cols = torch.empty(mp, k, dtype=torch.float8_e4m3fn, device=x.device)
-    col_scales = torch.empty(mp // BLOCK_SIZE, k, dtype=torch.uint8, device=x.device)
-    padded_offs = torch.empty(groups, dtype=torch.int32, device=x.device)
-    if k == 0:
-        return rows, row_scales, cols, col_scales, padded_offs.copy_(numerics.padded_group_offsets(offs))
-    block_k, num_warps = tile or ROWS_AND_TOKEN_GROUPS_TILE
-    block_k = max(min(block_k, triton.next_power_of_2(k)), BLOCK_SIZE)
-    # 32-row chunks: Mp/32 for the groups and the padding after them, at most cdiv(M, 32) past them
-    _quantize_rows_and_token_groups_kernel[(mp // 32 + triton.cdiv(m, 32), triton.cdiv(k, block_k))](
-        x, offs, rows.view(torch.uint8), row_scales, cols.view(torch.uint8), col_scales, padded_offs,
-        m, k, mp, groups, x.stride(0), x.stride(1),
-        BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k,
-        RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL, HW_CAST=not _INTERPRETED, num_warps=num_warps,
-    )
-    return rows, row_scales, cols, col_scales, padded_offs
+    return _mx_casts(x, offs, mode, True, True, tile)
 
 
 def _quantize_rebase_transposed(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

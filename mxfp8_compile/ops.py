@@ -66,8 +66,18 @@ def _scales_shape(shape: torch.Size | list[int], dim: int) -> list[int]:
 
 @torch.library.custom_op("mxfp8::quantize", mutates_args=())
 def quantize(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Tensor]:
-    """MX-quantize ``x`` along ``dim``: ``numerics.to_mx``."""
+    """MX-quantize ``x`` along ``dim``: ``numerics.to_mx``. On CUDA, along the last dim, one
+    Triton kernel."""
     return numerics.to_mx(x, dim=dim, mode=mode)
+
+
+@quantize.register_kernel("cuda")
+def _(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    if x.dim() == 0 or dim % x.dim() != x.dim() - 1:  # along another dim: the reference
+        return numerics.to_mx(x, dim=dim, mode=mode)
+    from mxfp8_compile.lowering.triton_quantize import quantize_rows
+
+    return quantize_rows(x, mode)
 
 
 @quantize.register_fake
@@ -82,7 +92,8 @@ def _quantize_fake(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tenso
 def quantize_token_groups(
     x: Tensor, offs: Tensor, mode: str = "rceil"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """MX-quantize ``x`` (M, K) along tokens per group: ``numerics.to_mx_token_groups``."""
+    """MX-quantize ``x`` (M, K) along tokens per group: ``numerics.to_mx_token_groups``. One
+    Triton kernel on CUDA."""
     return numerics.to_mx_token_groups(x, offs, mode=mode)
 
 
@@ -94,6 +105,13 @@ def _padded_token_rows(x: Tensor, offs: Tensor, mode: str) -> int:
     if x.dim() != 2:
         raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
     return padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
+
+
+@quantize_token_groups.register_kernel("cuda")
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_token_groups as kernel
+
+    return kernel(x, offs, mode)
 
 
 @quantize_token_groups.register_fake

@@ -105,7 +105,9 @@ def _mismatches(device: str, large: bool) -> list[str]:
         quantize_rebase_rows,
         quantize_rebase_rows_and_token_groups,
         quantize_rebase_token_groups,
+        quantize_rows,
         quantize_rows_and_token_groups,
+        quantize_token_groups,
     )
 
     failures = []
@@ -114,9 +116,15 @@ def _mismatches(device: str, large: bool) -> list[str]:
             q, s = quantize_rebase_rows(x, mode)
             rq, rs = numerics.rebase_rowwise(*numerics.to_mx(x.cpu(), mode=mode), dim=-1)
             failures += [_byte_mismatch(f"rows {mode} data", x, q, rq), _byte_mismatch(f"rows {mode} scales", x, s, rs)]
+            q, s = quantize_rows(x, mode)
+            rq, rs = numerics.to_mx(x.cpu(), mode=mode)
+            failures += [_byte_mismatch(f"MX rows {mode} data", x, q, rq), _byte_mismatch(f"MX rows {mode} scales", x, s, rs)]
         for x, offs in token_group_inputs(device, large):
             q, s, po = quantize_rebase_token_groups(x, offs, mode)
             rq, rs, rpo = numerics.to_mx_token_groups(x.cpu(), offs.cpu(), mode=mode)
+            failures += [_byte_mismatch(f"MX token groups {offs.tolist()} {mode} {part}", x, got, want)
+                         for part, got, want in zip(("data", "scales", "padded offsets"),
+                                                    quantize_token_groups(x, offs, mode), (rq, rs, rpo), strict=True)]
             rq, rs = numerics.rebase_token_groups(rq, rs, rpo)
             failures += [
                 _byte_mismatch(f"token groups {offs.tolist()} {mode} data", x, q, rq.t()),

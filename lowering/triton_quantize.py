@@ -1,5 +1,5 @@
 """Triton cast kernels, bit-exact against ``mxfp8_compile.numerics``: MX-quantize, then rebase
-(the SM90 path's operand preparation).
+(the SM90 path's operand preparation), and plain MX.
 
 ``quantize_rebase_rows``: blocks of 32 along the last dim, each row rebased to its largest block
 scale. One program a row; a row up to ``MAX_ONE_READ_K`` long is read once, a longer one in two
@@ -11,6 +11,10 @@ by atomics, then the cast, four rows packed into each 32-bit word written along 
 ``quantize_rebase_rows_and_token_groups``: both, for an activation that a grouped GEMM casts
 along K and its wgrad along tokens: one kernel writes the rows and folds the column amax (x read
 once), the column cast follows (x read again); three reads of x for the two casts apart.
+``quantize_rows``, ``quantize_token_groups``, ``quantize_rows_and_token_groups``: plain MX (the
+sm100 target's operands; ``mxfp8::quantize`` on CUDA): one kernel over 32-row chunks of the
+groups and of the rows past them, each (32, BLOCK_K) tile cast along tokens, along its rows, or
+both from one read.
 All share the math: ``_e8m0`` (scale bytes from an amax), ``_quantize_shifted`` (quantize with a
 block's scale, shift to the rebased one). On the GPU the hardware cast rounds to e4m3
 (``cvt.rn.satfinite``, as inline PTX: ``_e4m3_rounded_twice``); under the Triton interpreter,

@@ -3,7 +3,7 @@
 Importing this module registers the ops (``torch.ops.mxfp8.*``). Each op has a fake (meta)
 implementation for tracing and a reference implementation for every device, built on
 ``mxfp8_compile.numerics`` (the emulated target). Faster implementations are registered for CUDA
-(``register_kernel("cuda")``: the Triton cast kernel, the hardware FP8 GEMMs) and are checked
+(``register_kernel("cuda")``: the Triton cast kernels, the hardware FP8 GEMMs) and are checked
 against the reference: bit for bit for casts, by SQNR for GEMMs.
 
 Contracts (``numerics`` states the layout conventions):
@@ -11,7 +11,7 @@ Contracts (``numerics`` states the layout conventions):
 =========================  ========================================================================
 quantize                   x (..., D, ...) bf16/fp16/fp32 along ``dim`` -> (qdata e4m3, scales u8)
 quantize_token_groups      x (M, K), offs (G,) -> (qdata (Mp, K), scales (Mp/32, K), padded offs)
-quantize_rows_and_token_groups  x (M, K), offs -> both of the above, x read once on CUDA (Triton)
+quantize_rows_and_token_groups  x (M, K), offs -> both of the above (sm100), x read once on CUDA
 dequantize                 (qdata, scales, dim, dtype) -> dtype
 to_blocked                 scales (..., R, C) -> SM100 blocked bytes (..., round_up(R,128),
                            round_up(C,4))

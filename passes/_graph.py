@@ -78,33 +78,44 @@ def insert_call(
 _OUTPUT_MARKERS = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
 
 
+# Traces of insert_traced's functions, by function and the dtype, device and rank of each argument.
+_TRACES: dict[tuple[Any, ...], fx.GraphModule] = {}
+
+
 def insert_traced(
     graph: fx.Graph, fn: Callable[..., torch.Tensor], args: Sequence[fx.Node], *, like: fx.Node, provenance: str
 ) -> fx.Node:
-    """Insert the aten ops of ``fn(*args)`` (a plain function of tensors, traced on the args'
-    fake values) before ``like``; returns the node of its result. Traced with Inductor's
-    decompositions, as the graph the passes see was, so Inductor lowers and fuses the ops like
-    any other of the graph (``_to_copy``, say, is ``prims.convert_element_type`` there)."""
-    from torch._inductor.decomposition import select_decomp_table
+    """Insert the aten ops of ``fn(*args)`` (a plain function of tensors) before ``like``;
+    returns the node of its result. Traced with Inductor's decompositions, as the graph the
+    passes see was, so Inductor lowers and fuses the ops like any other of the graph
+    (``_to_copy``, say, is ``prims.convert_element_type`` there).
 
+    ``fn`` must not depend on its arguments' sizes (elementwise, like ``e8m0_to_fp32``): it is
+    traced once per dtypes, devices and ranks of its arguments, and each insertion replays that
+    trace through ``insert_call``, which computes every node's value on these arguments. Tracing
+    costs about 20 ms, and a layer's rewrite decodes two scale tensors per GEMM."""
     vals = [_val(a) for a in args]
-    with _fake_mode(vals):
-        traced = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+    key = (fn, *((v.dtype, v.device, v.dim()) for v in vals))
+    if key not in _TRACES:
+        from torch._inductor.decomposition import select_decomp_table
+
+        with _fake_mode(vals):
+            _TRACES[key] = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
     env: dict[fx.Node, Any] = {}
     placeholders = iter(args)
     result = None
-    for node in traced.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = next(placeholders)
-        elif node.op == "output":
-            (result,) = pytree.tree_leaves(fx.node.map_arg(node.args[0], env.__getitem__))
-        elif node.target in _OUTPUT_MARKERS:
-            env[node] = env[node.args[0]]
-        else:
-            with graph.inserting_before(like):
-                new = graph.node_copy(node, env.__getitem__)
-            _stamp(new, like, provenance)
-            env[node] = new
+    with _fake_mode(vals):  # also for the ops without tensor arguments (scalar_tensor)
+        for node in _TRACES[key].graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+            elif node.op == "output":
+                (result,) = pytree.tree_leaves(fx.node.map_arg(node.args[0], env.__getitem__))
+            elif node.target in _OUTPUT_MARKERS:
+                env[node] = env[node.args[0]]
+            else:
+                node_args, node_kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                env[node] = insert_call(graph, node.target, node_args, like=like, provenance=provenance,
+                                        kwargs=node_kwargs)
     assert isinstance(result, fx.Node), result
     return result
 

@@ -526,7 +526,7 @@ def quantize_rebase_token_groups(
 # Rows up to this long take the one-read-of-rows path of quantize_rebase_rows_and_token_groups;
 # longer ones the two casts. Measured on an H200 (benchmarks/RESULTS.md, 2026-12-04): 16384 x
 # 2048 in 8 groups 0.117 ms against 0.242 for the two casts; at K 5120 and 7168 its best tile
-# was 16% and 9% slower than them (the one-row-at-a-time loop keeps too few loads in flight
+# was 19% and 9% slower than them (the one-row-at-a-time loop keeps too few loads in flight
 # where the row kernel, a program a row, has them all).
 SHARED_READ_MAX_K = 2048
 

@@ -39,6 +39,7 @@ from mxfp8_compile.numerics import (
     check_block_dim,
     check_high_precision,
     check_offsets,
+    check_tokens,
     padded_rows_bound,
 )
 
@@ -516,8 +517,7 @@ def quantize_rebase_token_groups(
     """
     check_high_precision("x", x)
     check_offsets("offs", offs)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    check_tokens("x", x)
     mp = padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
     out = torch.empty(x.shape[1], mp, dtype=torch.float8_e4m3fn, device=x.device)
     return out, *_quantize_rebase_columns(x, offs, mode, out, mp, 1, mp, tile)
@@ -558,8 +558,7 @@ def quantize_rebase_rows_and_token_groups(
     check_high_precision("x", x)
     check_block_dim("x", x, -1)
     check_offsets("offs", offs)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    check_tokens("x", x)
     m, k = x.shape
     if x.stride(1) != 1 or not 0 < k <= (MAX_ONE_READ_K if tile else SHARED_READ_MAX_K) or m == 0:
         return (*quantize_rebase_rows(x, mode), *quantize_rebase_token_groups(x, offs, mode))
@@ -698,8 +697,7 @@ def quantize_token_groups(
     """``numerics.to_mx_token_groups(x, offs)`` in one CUDA kernel: x (M, K) any strides, offs
     (G,) int32 -> ``(qdata (Mp, K) e4m3, scales (Mp/32, K) u8, padded offs (G,) int32)``."""
     check_offsets("offs", offs)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    check_tokens("x", x)
     return _mx_casts(x, offs, mode, False, True, tile)
 
 
@@ -716,8 +714,7 @@ def quantize_rows_and_token_groups(
     padded_rows_bound(M, G, 32)``. ``tile``: ``(BLOCK_K, num_warps)``, by default ``MX_TILE``.
     """
     check_offsets("offs", offs)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    check_tokens("x", x)
     return _mx_casts(x, offs, mode, True, True, tile)
 
 

@@ -110,6 +110,12 @@ def check_offsets(name: str, offs: torch.Tensor) -> None:
         )
 
 
+def check_tokens(name: str, x: torch.Tensor) -> None:
+    """Raise unless ``x`` is 2D, (tokens, features), as the token-group casts take it."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2D (tokens, features), got shape {tuple(x.shape)}")
+
+
 def check_qdata(name: str, qdata: torch.Tensor, scales: torch.Tensor, dim: int) -> int:
     """Check an MX pair: e4m3 ``qdata``, uint8 ``scales`` whose shape is qdata's with dim / 32."""
     if qdata.dtype != torch.float8_e4m3fn:
@@ -298,8 +304,7 @@ def pad_token_groups(
     dtype, zero outside the groups; ``padded_offs`` int32 (G,).
     """
     check_offsets("offs", offs)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    check_tokens("x", x)
     out_rows = padded_rows_bound(x.shape[0], offs.shape[0], multiple)
     sizes, padded_starts, padded_offs = _padded_groups(offs, multiple)
     if offs.shape[0] == 0 or x.shape[0] == 0:

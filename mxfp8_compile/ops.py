@@ -102,8 +102,7 @@ def _padded_token_rows(x: Tensor, offs: Tensor, mode: str) -> int:
     numerics.check_high_precision("x", x)
     numerics.check_offsets("offs", offs)
     numerics.ScaleMode.parse(mode)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2D (tokens, features), got shape {tuple(x.shape)}")
+    numerics.check_tokens("x", x)
     return padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
 
 

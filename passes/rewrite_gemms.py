@@ -124,14 +124,16 @@ class _Casts:
 
     def rows(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node | None) -> list[fx.Node]:
         """``(data, scales)`` of 2D or 3D ``node`` (or its transpose) along its last dim."""
-        if offs is not None and _cast_key(node, transposed, offs) in self.shared:
-            return self._shared(n, _cast_key(node, transposed, offs))[:2]
+        key = _cast_key(node, transposed, offs) if offs is not None else None
+        if key in self.shared:
+            return self._shared(n, key)[:2]
         return self._rows(n, n.transposed(node) if transposed else node)
 
     def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
         """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""
-        if _cast_key(node, transposed, offs) in self.shared:
-            return self._shared(n, _cast_key(node, transposed, offs))[2:]
+        key = _cast_key(node, transposed, offs)
+        if key in self.shared:
+            return self._shared(n, key)[2:]
         return self._token_groups(n, n.transposed(node) if transposed else node, offs)
 
     def _rows(self, n: _Nodes, x: fx.Node) -> list[fx.Node]:

@@ -280,6 +280,15 @@ def _group_layout(offs_ptr, G, Mp, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
+def _with_rows_past_groups(starts, sizes, M, G, entry, BLOCK_G: tl.constexpr):
+    """``(starts, sizes)`` of ``_group_layout`` with entry ``entry`` set to the rows of x past
+    the last group (from its end to M), for the kernels whose row cast covers them too."""
+    g = tl.arange(0, BLOCK_G)
+    tail = tl.sum(tl.where(g == G - 1, starts + sizes, 0), axis=0)
+    return tl.where(g == entry, tail, starts), tl.where(g == entry, M - tail, sizes)
+
+
+@triton.jit
 def _chunk_owner(slot, chunks, BLOCK_G: tl.constexpr):
     """``(group, chunk)``: work item ``slot`` of the items laid end to end, ``chunks[g]`` of
     them for group g; group BLOCK_G past the last. Keeps the grid as large as the work, however
@@ -336,11 +345,8 @@ def _rows_and_column_amax_kernel(
     what ``_quantize_rebase_rows_kernel`` writes for those rows, and folds the chunk's amax per
     column into its group's (as ``_column_amax_kernel``; the tail's feeds no group): the rows
     and the column scales of the token-group cast from one read of x."""
-    g = tl.arange(0, BLOCK_G)
     starts, sizes, _, _ = _group_layout(offs_ptr, G, 0, BLOCK_G)
-    tail = tl.sum(tl.where(g == G - 1, starts + sizes, 0), axis=0)
-    starts = tl.where(g == G, tail, starts)
-    sizes = tl.where(g == G, M - tail, sizes)
+    starts, sizes = _with_rows_past_groups(starts, sizes, M, G, G, BLOCK_G)
     group, chunk = _chunk_owner(tl.program_id(0), tl.cdiv(sizes, BLOCK_M), BLOCK_G)
     if group <= G:
         start = _of_group(starts, group, BLOCK_G) + chunk * BLOCK_M
@@ -599,14 +605,12 @@ def _mx_rows_and_token_groups_kernel(
     group (row cast only). One read of x for both casts."""
     g = tl.arange(0, BLOCK_G)
     starts, sizes, padded_starts, padded_sizes = _group_layout(offs_ptr, G, Mp, BLOCK_G)
-    tail = tl.sum(tl.where(g == G - 1, starts + sizes, 0), axis=0)
-    starts = tl.where(g == G + 1, tail, starts)
-    sizes = tl.where(g == G + 1, M - tail, sizes)
+    starts, sizes = _with_rows_past_groups(starts, sizes, M, G, G + 1, BLOCK_G)
     chunks = tl.where(g < G, tl.cdiv(sizes, 32), 0)
     if WRITE_COLUMNS:
         chunks = tl.where(g == G, padded_sizes // 32, chunks)
     if WRITE_ROWS:
-        chunks = tl.where(g == G + 1, tl.cdiv(M - tail, 32), chunks)
+        chunks = tl.where(g == G + 1, tl.cdiv(sizes, 32), chunks)
     group, chunk = _chunk_owner(tl.program_id(0), chunks, BLOCK_G)
     if WRITE_COLUMNS:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):

@@ -217,10 +217,11 @@ def _rebased_operands(m: GemmMatch, n: _Nodes) -> tuple[fx.Node, ...]:
 def _emit_sm90(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     """The rebased operands, then the FP8 rowwise GEMMs."""
     qa, sa, qbt, sb, offs = _rebased_operands(m, n)
+    fast_accum = m.site.role.value in config.fast_accum
     if m.site.layout is Layout.DENSE:
-        return n.call(mxfp8.scaled_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.out_dtype, config.fast_accum)
+        return n.call(mxfp8.scaled_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, m.out_dtype, fast_accum)
     return n.call(mxfp8.scaled_grouped_mm_rowwise.default, qa, sa, n.transposed(qbt), sb, offs, m.out_dtype,
-                  config.fast_accum)
+                  fast_accum)
 
 
 def _emit_sm100(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:

@@ -20,6 +20,8 @@ from mxfp8_compile import Config
         ({"exclude_fqns": (3,)}, TypeError, r"Config.exclude_fqns must hold strings, got 3"),
         ({"min_gemm_size": -1}, ValueError, r"Config.min_gemm_size must be an int >= 0, got -1"),
         ({"dense_linears": "yes"}, TypeError, r"Config.dense_linears must be a bool, got 'yes'"),
+        ({"fast_accum": ("fwd",)}, ValueError, r"Config.fast_accum: 'fwd' is not allowed; allowed values: 'forward', 'dgrad', 'wgrad'"),
+        ({"fast_accum": "forward"}, TypeError, r"Config.fast_accum must be a sequence of strings, got 'forward'"),
         ({"a2a_wgrad": "bf16"}, ValueError, r"Config.a2a_wgrad: 'bf16' is not allowed; allowed values: 'dequant', 'requant', 'bf16_a2a'"),
     ],
 )
@@ -35,6 +37,12 @@ def test_sequences_become_tuples_and_configs_compare_by_value() -> None:
     assert hash(config) == hash(Config(gemms=("forward", "dgrad"), exclude_fqns=("attn",)))
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.scale_mode = "floor"
+
+
+def test_fast_accum_takes_roles_or_a_bool() -> None:
+    assert Config(fast_accum=True).fast_accum == ("forward", "dgrad", "wgrad")
+    assert Config(fast_accum=False).fast_accum == ()
+    assert Config(fast_accum=["forward"]) == Config(fast_accum=("forward",))
 
 
 def test_options_map_onto_fields_and_unknown_keys_are_named() -> None:

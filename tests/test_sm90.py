@@ -110,6 +110,21 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     assert abs(emulated.output - result.output) < 1.0
 
 
+@pytest.mark.usefixtures("pretend_sm90")
+@pytest.mark.parametrize("fast_accum", [(), ("forward",), ("dgrad", "wgrad")])
+def test_fast_accum_reaches_the_gemms_of_its_roles(fast_accum: tuple[str, ...]) -> None:
+    model, (x,) = build(MoEConfig(layers=1, dim=64, expert_hidden=64, experts=4))
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    config = Config(target="sm90", fast_accum=fast_accum)
+    compiled = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False, on_graph=graphs.__setitem__))
+    compiled(x).sum().backward()
+    roles = collections.Counter(site.role.value for site in mxfp8_compile.last_report().converted())
+    rowwise = [n for n in graphs["joint"].graph.nodes if str(n.target).endswith("mm_rowwise.default")]
+    assert len(rowwise) == sum(roles.values()) == 30
+    assert sum(n.args[-1] is True for n in rowwise) == sum(roles[r] for r in fast_accum)
+    assert all(isinstance(n.args[-1], bool) for n in rowwise)
+
+
 @pytest.mark.usefixtures("pretend_sm90", "no_compile_caches")
 def test_sm90_rewrite_lowers_through_inductor() -> None:
     # Inductor lowers every node the rewrite inserts (the traced scale decoding included); on the

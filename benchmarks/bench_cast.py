@@ -47,13 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes of the kernels")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="MxK",
+                        help="the shapes to time, e.g. 16384x768 (default: SHAPES)")
     args = parser.parse_args()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat()}
     print(meta, flush=True)
     rows = []
     print("| kernel | M x K | copy TB/s | ms | TB/s | of copy |\n|---|---|---|---|---|---|")
-    for m, k in SHAPES:
+    shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes] if args.shapes else SHAPES
+    for m, k in shapes:
         nxt = rotating(m, k)
         dst = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
         copy_bw = 2 * m * k * 2 / _time(lambda: dst.copy_(nxt())) / 1e9  # TB/s: read + write

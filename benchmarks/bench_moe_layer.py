@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import statistics
@@ -29,6 +30,7 @@ import triton
 from triton.testing import do_bench
 
 import mxfp8_compile
+from mxfp8_compile import Config
 from mxfp8_compile.examples.checkpointing import checkpointed
 from mxfp8_compile.examples.moe import MoE, MoEConfig
 from mxfp8_compile.numerics import sqnr
@@ -38,6 +40,9 @@ SHAPES = {
     "deepseek_v3": dict(dim=7168, expert_hidden=2048),
 }
 ROTATING = 3
+# --variants: the plugin's Configs to time against bf16
+VARIANTS = {"default": Config(), "fast_accum_forward": Config(fast_accum=("forward",)),
+            "fast_accum_all": Config(fast_accum=True)}
 
 
 def _sync_time(fn) -> float:
@@ -60,7 +65,10 @@ def _step_peak_mib(step) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_runs: int = 1) -> dict:
+def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_runs: int = 1,
+              variants: tuple[str, ...] = ("default",)) -> list[dict]:
+    """One row per Config of ``variants`` (names in VARIANTS), each against the same bf16 layer
+    timed in the same run; compile times are of the first variant."""
     cfg = MoEConfig(**SHAPES[shape], experts=experts, top_k=1, shared_hidden=0, layers=1)
     torch.manual_seed(0)
     bf16 = MoE(cfg).to(device="cuda", dtype=torch.bfloat16)
@@ -68,7 +76,6 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_r
         bf16 = checkpointed(bf16, "full")
     for p in bf16.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    mx = copy.deepcopy(bf16)
     # the layer's input needs its gradient, as inside a model (else two dgrad GEMMs vanish)
     xs = [torch.randn(1, tokens, cfg.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
           for _ in range(ROTATING)]
@@ -83,42 +90,47 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_r
 
         return step
 
-    # compile time: the first call (compile and one step), afresh each time, the two alternating
-    compile_s: dict[str, list[float]] = {"inductor": [], "mxfp8": []}
-    for _ in range(compile_runs):
-        for backend, module in (("inductor", bf16), ("mxfp8", mx)):
-            torch._dynamo.reset()
-            compiled = torch.compile(module, backend=backend)
-            compile_s[backend].append(_sync_time(lambda: compiled(xs[0]).backward(grads[0])))
-    compiled_bf16, compiled_mx = torch.compile(bf16), compiled
-    compiled_bf16(xs[0]).backward(grads[0])
-    report = mxfp8_compile.last_report()
+    def mxfp8(module: torch.nn.Module, variant: str) -> torch.nn.Module:
+        return torch.compile(module, backend="mxfp8", options=dataclasses.asdict(VARIANTS[variant]))
 
-    # numerics of one step, from zeroed grads
-    for m in (bf16, mx):
-        m.zero_grad()
-    out_bf16, out_mx = compiled_bf16(xs[1]), compiled_mx(xs[1])
-    out_bf16.backward(grads[1])
-    out_mx.backward(grads[1])
-    # Expert weights only: with top-1 routing the normalized routing weight is exactly 1, so
-    # the router gate's true gradient is zero and both runs hold only rounding noise there.
-    numerics = {
-        "output_sqnr": sqnr(out_bf16, out_mx),
-        "worst_expert_weight_grad_sqnr": min(
-            sqnr(p.grad, q.grad) for p, q in zip(bf16.experts.parameters(), mx.experts.parameters())
-        ),
-    }
+    # compile time: the first call (compile and one step), afresh each time, the two alternating
+    mx = copy.deepcopy(bf16)
+    compile_s: dict[str, list[float]] = {"bf16": [], "mxfp8": []}
+    for _ in range(compile_runs):
+        for name, compile_fn in (("bf16", lambda: torch.compile(bf16)), ("mxfp8", lambda: mxfp8(mx, variants[0]))):
+            torch._dynamo.reset()
+            compiled = compile_fn()
+            compile_s[name].append(_sync_time(lambda: compiled(xs[0]).backward(grads[0])))
+    compiled_bf16 = torch.compile(bf16)
+    compiled_bf16(xs[0]).backward(grads[0])
     t_bf16 = do_bench(stepper(compiled_bf16), warmup=200, rep=1000, return_mode="median")
-    t_mx = do_bench(stepper(compiled_mx), warmup=200, rep=1000, return_mode="median")
-    return {
-        "shape": shape, "tokens": tokens, "experts": experts, **SHAPES[shape], "checkpoint": checkpoint,
-        "target": report.target, "converted": len(report.converted()),
-        "fwd_bwd_ms_bf16": t_bf16, "fwd_bwd_ms_mxfp8": t_mx, "speedup": t_bf16 / t_mx,
-        "step_peak_mib_bf16": _step_peak_mib(stepper(compiled_bf16)),
-        "step_peak_mib_mxfp8": _step_peak_mib(stepper(compiled_mx)),
-        "compile_s_bf16": statistics.median(compile_s["inductor"]),
-        "compile_s_mxfp8": statistics.median(compile_s["mxfp8"]), "compile_runs_s": compile_s, **numerics,
-    }
+    peak_bf16 = _step_peak_mib(stepper(compiled_bf16))
+    rows = []
+    for variant in variants:
+        mx = copy.deepcopy(bf16)
+        compiled_mx = mxfp8(mx, variant)
+        compiled_mx(xs[0]).backward(grads[0])
+        report = mxfp8_compile.last_report()
+        # numerics of one step, from zeroed grads
+        for m in (bf16, mx):
+            m.zero_grad()
+        out_bf16, out_mx = compiled_bf16(xs[1]), compiled_mx(xs[1])
+        out_bf16.backward(grads[1])
+        out_mx.backward(grads[1])
+        # Expert weights only: with top-1 routing the normalized routing weight is exactly 1, so
+        # the router gate's true gradient is zero and both runs hold only rounding noise there.
+        worst_wgrad = min(sqnr(p.grad, q.grad) for p, q in zip(bf16.experts.parameters(), mx.experts.parameters()))
+        t_mx = do_bench(stepper(compiled_mx), warmup=200, rep=1000, return_mode="median")
+        rows.append({
+            "shape": shape, "tokens": tokens, "experts": experts, **SHAPES[shape], "checkpoint": checkpoint,
+            "variant": variant, "target": report.target, "converted": len(report.converted()),
+            "fwd_bwd_ms_bf16": t_bf16, "fwd_bwd_ms_mxfp8": t_mx, "speedup": t_bf16 / t_mx,
+            "step_peak_mib_bf16": peak_bf16, "step_peak_mib_mxfp8": _step_peak_mib(stepper(compiled_mx)),
+            "compile_s_bf16": statistics.median(compile_s["bf16"]),
+            "compile_s_mxfp8": statistics.median(compile_s["mxfp8"]), "compile_runs_s": compile_s,
+            "output_sqnr": sqnr(out_bf16, out_mx), "worst_expert_weight_grad_sqnr": worst_wgrad,
+        })
+    return rows
 
 
 def main() -> None:
@@ -128,6 +140,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--checkpoint", action="store_true", help="full activation checkpointing around the layer")
     parser.add_argument("--compile-runs", type=int, default=1, help="compile each this many times (median)")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                        help="the mxfp8 Configs to time, each against the same bf16 layer")
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = parser.parse_args()
     # compile times must not come from Inductor's on-disk caches
@@ -140,13 +154,14 @@ def main() -> None:
     results = {"meta": meta, "layer": []}
     for shape in args.shapes:
         for tokens in args.tokens:
-            r = moe_layer(shape, tokens, args.experts, args.checkpoint, args.compile_runs)
-            results["layer"].append(r)
-            print(f"LAYER {shape:13s} tokens={tokens:6d} target {r['target']}: bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, "
-                  f"mxfp8 {r['fwd_bwd_ms_mxfp8']:.2f} ms -> {r['speedup']:.2f}x | compile {r['compile_s_bf16']:.1f} s "
-                  f"vs {r['compile_s_mxfp8']:.1f} s | SQNR out {r['output_sqnr']:.1f} dB, worst expert wgrad "
-                  f"{r['worst_expert_weight_grad_sqnr']:.1f} dB | step peak memory {r['step_peak_mib_bf16']:.0f} MiB "
-                  f"vs {r['step_peak_mib_mxfp8']:.0f} MiB{' (checkpointed)' if r['checkpoint'] else ''}", flush=True)
+            for r in moe_layer(shape, tokens, args.experts, args.checkpoint, args.compile_runs, tuple(args.variants)):
+                results["layer"].append(r)
+                print(f"LAYER {shape:13s} tokens={tokens:6d} {r['variant']} target {r['target']}: "
+                      f"bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, mxfp8 {r['fwd_bwd_ms_mxfp8']:.2f} ms -> {r['speedup']:.2f}x"
+                      f" | compile {r['compile_s_bf16']:.1f} s "
+                      f"vs {r['compile_s_mxfp8']:.1f} s | SQNR out {r['output_sqnr']:.1f} dB, worst expert wgrad "
+                      f"{r['worst_expert_weight_grad_sqnr']:.1f} dB | step peak memory {r['step_peak_mib_bf16']:.0f} MiB "
+                      f"vs {r['step_peak_mib_mxfp8']:.0f} MiB{' (checkpointed)' if r['checkpoint'] else ''}", flush=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=1)

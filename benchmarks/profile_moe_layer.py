@@ -1,7 +1,7 @@
 """Where the time of one MXFP8 MoE-layer step goes: CUDA kernel times from the profiler,
 grouped by kernel name (the measured breakdown asked for wherever a speed target is missed).
 
-    python benchmarks/profile_moe_layer.py --shape deepseek_v3 --tokens 16384
+    python benchmarks/profile_moe_layer.py --shape deepseek_v3 --tokens 16384 [--variant fast_accum_forward]
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import argparse
 import collections
 import copy
 
+import dataclasses
+
 import torch
 
+from bench_moe_layer import SHAPES, VARIANTS
 from mxfp8_compile.examples.moe import MoE, MoEConfig
-
-SHAPES = {"llama4_scout": dict(dim=5120, expert_hidden=8192), "deepseek_v3": dict(dim=7168, expert_hidden=2048)}
 
 
 def main() -> None:
@@ -22,12 +23,14 @@ def main() -> None:
     parser.add_argument("--shape", default="deepseek_v3", choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--variant", default="default", choices=list(VARIANTS), help="the mxfp8 Config")
     args = parser.parse_args()
     torch.manual_seed(0)
     layer = MoE(MoEConfig(**SHAPES[args.shape], experts=8, top_k=1, shared_hidden=0)).cuda().bfloat16()
     x = torch.randn(1, args.tokens, SHAPES[args.shape]["dim"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    for name, compiled in (("bf16", torch.compile(copy.deepcopy(layer))), ("mxfp8", torch.compile(layer, backend="mxfp8"))):
+    mxfp8 = torch.compile(layer, backend="mxfp8", options=dataclasses.asdict(VARIANTS[args.variant]))
+    for name, compiled in (("bf16", torch.compile(copy.deepcopy(layer))), ("mxfp8", mxfp8)):
         for _ in range(3):
             compiled(x).backward(grad)
         torch.cuda.synchronize()

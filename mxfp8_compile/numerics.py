@@ -116,10 +116,13 @@ def check_tokens(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2D (tokens, features), got shape {tuple(x.shape)}")
 
 
-def check_qdata(name: str, qdata: torch.Tensor, scales: torch.Tensor, dim: int) -> int:
-    """Check an MX pair: e4m3 ``qdata``, uint8 ``scales`` whose shape is qdata's with dim / 32."""
-    if qdata.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"{name} data must be float8_e4m3fn, got {qdata.dtype}")
+def check_qdata(
+    name: str, qdata: torch.Tensor, scales: torch.Tensor, dim: int, data_dtype: torch.dtype = torch.float8_e4m3fn
+) -> int:
+    """Check an MX pair: ``qdata`` of ``data_dtype`` (e4m3 for MXFP8, int8 for MXINT8), uint8
+    ``scales`` whose shape is qdata's with dim / 32."""
+    if qdata.dtype != data_dtype:
+        raise TypeError(f"{name} data must be {str(data_dtype).removeprefix('torch.')}, got {qdata.dtype}")
     if scales.dtype != torch.uint8:
         raise TypeError(
             f"{name} scales must be uint8 E8M0 bytes, got {scales.dtype}"
@@ -258,6 +261,53 @@ def mx_error_bound(
     largest_scale = (blocks.amax(dim=-1, keepdim=True) / 224.0).clamp(min=2.0**-127)
     bound = torch.maximum(blocks * relative, largest_scale * 2.0**-10)
     return bound.reshape(rows.shape).movedim(-1, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# MXINT8 (OCP MX v1.0): the wire format of the all-to-all payloads that no GEMM reads.
+# --------------------------------------------------------------------------------------------
+
+MXINT8_FRACTION_BITS = 6  # an element q means q * 2**-6: two's complement fixed point 1.6
+MXINT8_MAX = 127  # -128 is left unused, so that the range is symmetric
+
+
+def to_mxint8(x: torch.Tensor, *, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to MXINT8 in blocks of 32 along ``dim``: int8 elements ``q`` meaning
+    ``q * 2**-6 * scale``, one E8M0 scale per block.
+
+    Scale: ``amax * fp32(64/127)`` rounded up to a power of two (``e8m0_rceil``, the RCEIL rule
+    of MXFP8 with 127/64 in place of 448), so ``|x| / scale * 64`` stays within 127 (within
+    127.5 whatever the product's rounding: nothing saturates). Elements: ``x / scale * 64``
+    rounded half to even. A zero block gets byte 0, a block holding NaN or Inf byte 255 and
+    zero data (NaN when dequantized). Each element keeps 7 bits relative to its block's
+    maximum, where e4m3 keeps 3 relative to itself: more signal for data spread evenly within
+    blocks, less for the small values of a block with an outlier (they round to zero).
+
+    Input: ``x`` bf16, fp16 or fp32, ``x.shape[dim] % 32 == 0``. Output: ``(qdata int8,
+    scales uint8)`` laid out as ``to_mx``'s.
+    """
+    check_high_precision("x", x)
+    dim = check_block_dim("x", x, dim)
+    rows = x.movedim(dim, -1)
+    blocks = rows.reshape(*rows.shape[:-1], rows.shape[-1] // BLOCK_SIZE, BLOCK_SIZE).to(torch.float32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scales = e8m0_rceil(amax * (2.0**MXINT8_FRACTION_BITS / MXINT8_MAX))
+    # two exact power-of-two products: 1/scale * 64 would overflow fp32 for the smallest scales
+    q = torch.round(blocks * e8m0_reciprocal(scales) * 2.0**MXINT8_FRACTION_BITS)
+    q = torch.where(scales == E8M0_NAN, 0.0, q)  # NaN cannot be an int8; the scale byte carries it
+    qdata = q.to(torch.int8).reshape(rows.shape).movedim(-1, dim).contiguous()
+    return qdata, scales.squeeze(-1).movedim(-1, dim).contiguous()
+
+
+def from_mxint8(
+    qdata: torch.Tensor, scales: torch.Tensor, *, dim: int = -1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dequantize an MXINT8 pair quantized along ``dim``: ``qdata * 2**-6 * 2**(scale - 127)``,
+    exact in fp32 (the smallest product, 2**-133, is an fp32 subnormal), then cast to
+    ``dtype``. Blocks with scale byte 255 are NaN."""
+    dim = check_qdata("qdata", qdata, scales, dim, torch.int8)
+    scale = e8m0_to_fp32(scales).repeat_interleave(BLOCK_SIZE, dim=dim)
+    return (qdata.to(torch.float32) * 2.0**-MXINT8_FRACTION_BITS * scale).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ quantize                   x (..., D, ...) bf16/fp16/fp32 along ``dim`` -> (qdat
 quantize_token_groups      x (M, K), offs (G,) -> (qdata (Mp, K), scales (Mp/32, K), padded offs)
 quantize_rows_and_token_groups  x (M, K), offs -> both of the above (sm100), x read once on CUDA
 dequantize                 (qdata, scales, dim, dtype) -> dtype
+quantize_mxint8            x along ``dim`` -> (qdata int8, scales u8): MXINT8, the wire format of
+dequantize_mxint8          the all-to-all payloads no GEMM reads (reference kernels everywhere)
 to_blocked                 scales (..., R, C) -> SM100 blocked bytes (..., round_up(R,128),
                            round_up(C,4))
 to_blocked_m_groups        scales (M, K/32), offs -> per-token-group blocked A scales (2Dx3D)
@@ -155,6 +157,31 @@ def dequantize(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> T
 @dequantize.register_fake
 def _(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
     numerics.check_qdata("qdata", qdata, scales, dim)
+    return qdata.new_empty(qdata.shape, dtype=dtype)
+
+
+@torch.library.custom_op("mxfp8::quantize_mxint8", mutates_args=())
+def quantize_mxint8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """``numerics.to_mxint8``."""
+    return numerics.to_mxint8(x, dim=dim)
+
+
+@quantize_mxint8.register_fake
+def _(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    numerics.check_high_precision("x", x)
+    dim = numerics.check_block_dim("x", x, dim)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(_scales_shape(x.shape, dim), dtype=_U8)
+
+
+@torch.library.custom_op("mxfp8::dequantize_mxint8", mutates_args=())
+def dequantize_mxint8(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """``numerics.from_mxint8``, contiguous."""
+    return numerics.from_mxint8(qdata, scales, dim=dim, dtype=dtype).contiguous()
+
+
+@dequantize_mxint8.register_fake
+def _(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    numerics.check_qdata("qdata", qdata, scales, dim, torch.int8)
     return qdata.new_empty(qdata.shape, dtype=dtype)
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import triton
 
 import mxfp8_compile
-from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES
+from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, A2A_WIRE_FORMATS
 from mxfp8_compile.examples.ep_moe import EPMoE, EPMoEConfig
 from mxfp8_compile.numerics import sqnr
 from mxfp8_compile.passes.report import PassReport, clear_reports
@@ -200,13 +200,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES)
     parser.add_argument("--a2a-payloads", default="gemm_inputs", choices=A2A_PAYLOADS,
-                        help="'all': the combine forward and dispatch backward carry MXFP8 too (Config.a2a_payloads)")
+                        help="'all': the combine forward and dispatch backward carry 8 bits too (Config.a2a_payloads)")
+    parser.add_argument("--a2a-wire-format", default="mxint8", choices=A2A_WIRE_FORMATS,
+                        help="the format of those two with --a2a-payloads all (Config.a2a_wire_format)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, few steps (a CPU check of the script)")
     parser.add_argument("--results", default=None, help="rank 0 appends the table to this Markdown file")
     args = parser.parse_args()
     if args.dry_run:
         args.shapes, args.tokens, args.steps, args.warmup = ["tiny"], [256], 3, 1
-    args.options = {"a2a_wgrad": args.a2a_wgrad, "a2a_payloads": args.a2a_payloads}
+    args.options = {"a2a_wgrad": args.a2a_wgrad, "a2a_payloads": args.a2a_payloads,
+                    "a2a_wire_format": args.a2a_wire_format}
     torch._dynamo.config.capture_scalar_outputs = True  # the .tolist() splits
     for name, value in NO_MULTICAST.items():
         os.environ.setdefault(name, value)

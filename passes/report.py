@@ -232,8 +232,10 @@ class PassReport:
             return []
         lines = ["token all-to-alls:"]
         for h in self.hoists:
-            verdict = ("quantization moved ahead" if not h.site.wire_only else "carried as MXFP8") if h.hoisted \
-                else f"left as it was: {h.decision}"
+            if not h.hoisted:
+                verdict = f"left as it was: {h.decision}"
+            else:
+                verdict = "carried quantized for the wire" if h.site.wire_only else "quantization moved ahead"
             lines.append(f"  {h.site.describe()}: {verdict}")
             lines += [f"    note: {note}" for note in h.site.notes]
         before, after = self.wire_row_bytes()

@@ -22,6 +22,7 @@ from mxfp8_compile import Config
         ({"dense_linears": "yes"}, TypeError, r"Config.dense_linears must be a bool, got 'yes'"),
         ({"fast_accum": ("fwd",)}, ValueError, r"Config.fast_accum: 'fwd' is not allowed; allowed values: 'forward', 'dgrad', 'wgrad'"),
         ({"fast_accum": "forward"}, TypeError, r"Config.fast_accum must be a sequence of strings, got 'forward'"),
+        ({"a2a_wire_format": "int8"}, ValueError, r"Config.a2a_wire_format: 'int8' is not allowed; allowed values: 'mxint8', 'mxfp8'"),
         ({"a2a_wgrad": "bf16"}, ValueError, r"Config.a2a_wgrad: 'bf16' is not allowed; allowed values: 'dequant', 'requant', 'bf16_a2a'"),
     ],
 )

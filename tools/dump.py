@@ -201,7 +201,7 @@ def _a2a_line(reports: list[PassReport], baseline: list[tuple[str, fx.GraphModul
     after, _ = token_row_bytes(graphs)
     fed = [h for r in reports for h in r.hoists if not h.site.wire_only]
     carried = sum(h.hoisted for r in reports for h in r.hoists if h.site.wire_only)
-    others = (f"{carried} more carried as MXFP8 for the wire (a2a_payloads='all')" if carried else
+    others = (f"{carried} more carried quantized for the wire (a2a_payloads='all')" if carried else
               "the others carry GEMM outputs or gradients to scatter-adds")
     return (f"all-to-all payload: {before} -> {after} B per token row over {count} token all-to-alls "
             f"({after / before:.2f}x); quantization moved ahead of {sum(h.hoisted for h in fed)} of the "

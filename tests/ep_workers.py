@@ -164,11 +164,11 @@ def ep_block_case(rank: int, world: int, expert: str, configs: dict[str, Config]
         return compare_runs(model, configs, _compile_whole, step)
 
 
-def torchtitan_case(rank: int, world: int, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def torchtitan_case(rank: int, world: int, configs: dict[str, Config]) -> dict[str, dict[str, Any]]:
     """torchtitan's DeepSeek-V3 debugmodel, expert parallel over all ranks, forced load balance
     (routing no numerics can flip), the same tokens on every rank (so the losses must agree),
-    every block compiled on its own with fullgraph=True, as torchtitan's ``apply_compile``; the
-    plugin converts the routed experts, the expert-parallel pipeline."""
+    every block compiled on its own with fullgraph=True, as torchtitan's ``apply_compile``; each
+    of ``configs`` should convert the routed experts, the expert-parallel pipeline."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from mxfp8_compile.examples.clients import torchtitan_dsv3_ep
@@ -189,4 +189,4 @@ def torchtitan_case(rank: int, world: int, names: tuple[str, ...]) -> dict[str, 
         return out, None, loss  # token ids: no input grad
 
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        return compare_runs(model, policies(Config(include_fqns=("routed_experts",)), names), compile_blocks, step)
+        return compare_runs(model, configs, compile_blocks, step)

@@ -279,6 +279,7 @@ def test_dump_shows_the_bytes_saved_on_the_wire() -> None:
 # --------------------------------------------------------------------------------------------
 
 POLICIES = ("dequant", "requant", "bf16_a2a")
+ROUTED = Config(include_fqns=("routed_experts",))  # torchtitan's routed experts, as torchao converts them
 
 
 def _all_cases(rank: int, world: int) -> dict[str, Any]:
@@ -287,7 +288,8 @@ def _all_cases(rank: int, world: int) -> dict[str, Any]:
         "linear": ep_block_case(rank, world, "linear", {
             **policies(Config(), POLICIES), "all_payloads": Config(a2a_payloads="all")}),
         "swiglu": ep_block_case(rank, world, "swiglu", policies(Config(), ("dequant", "bf16_a2a"))),
-        "torchtitan": torchtitan_case(rank, world, POLICIES),
+        "torchtitan": torchtitan_case(rank, world, {
+            **policies(ROUTED, POLICIES), "all_payloads": dataclasses.replace(ROUTED, a2a_payloads="all")}),
     }
 
 
@@ -334,7 +336,7 @@ def test_torchtitan_deepseek_v3_expert_parallel(two_ranks: list[dict[str, Any]])
     # expert parallelism (test_real_clients.py: 22.6 dB). Asserted: output >= 28, weights >= 21,
     # "dequant" no worse than the all-to-alls left in bf16, equal losses on both ranks.
     results = [r["torchtitan"] for r in two_ranks]
-    for policy in ("bf16", *POLICIES):
+    for policy in ("bf16", *POLICIES, "all_payloads"):
         losses = [r[policy]["loss"] for r in results]
         assert losses[0] == losses[1], (policy, losses)  # the same tokens on both ranks
     for result in results:
@@ -346,6 +348,16 @@ def test_torchtitan_deepseek_v3_expert_parallel(two_ranks: list[dict[str, Any]])
             assert value >= result["bf16_a2a"]["weights"][name] - 0.1, name
         # the dispatch and the combine's backward in the MoE block's graphs, both moved
         assert [h[1] for h in result["dequant"]["hoists"]] == [True, True]
+        # a2a_payloads="all": the combine forward and the dispatch backward in MXINT8 too, so
+        # every token all-to-all of both graphs is uint8, at <= 0.53x of the bf16 bytes
+        everything = result["all_payloads"]
+        bf16, mx = _token_a2as(result["bf16"]["graphs"]), _token_a2as(everything["graphs"])
+        assert {dtype for _, dtype, _, _ in mx} == {"uint8"} and len(mx) == 2 * len(bf16) == 8, mx
+        assert sum(a[3] for a in mx) / sum(a[3] for a in bf16) <= 0.53
+        assert [h[1] for h in everything["hoists"]] == [True] * 4
+        # measured: output 51.1 dB, routed-expert weight grads >= 24.2, router gates >= 22.1 dB
+        # (the default's 50.8, 24.2 and 21.7)
+        assert everything["output"] >= 28 and min(everything["weights"].values()) >= 21
 
 
 def _token_a2as(graphs: list[tuple[str, list[tuple[str, str, int]]]]) -> list[tuple[str, str, str, int]]:

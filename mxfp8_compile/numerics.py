@@ -20,6 +20,9 @@ Scale modes (torchao ``ScaleCalculationMode``, same semantics bit for bit):
 A block holding NaN or Inf gets byte 255 and an all-NaN data block; an all-zero block gets byte 0
 and zero data.
 
+MXINT8 (``to_mxint8``/``from_mxint8``, same scales and layouts, int8 data) is only the wire format
+of the all-to-all payloads that no GEMM reads (``Config.a2a_wire_format``).
+
 Layout conventions used by every function here and by ``mxfp8_compile.ops``:
 
 * ``qdata`` has the shape of the input and is contiguous;

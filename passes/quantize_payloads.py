@@ -35,6 +35,7 @@ from mxfp8_compile.passes.report import Convert, HoistEntry, HoistSite, Skip, Sk
 aten, mxfp8 = torch.ops.aten, torch.ops.mxfp8
 c10d = torch.ops._c10d_functional
 
+
 def _wire_ops(config: Config) -> tuple[object, tuple[object, ...], object, torch.dtype]:
     """``(quantize op, its arguments after the payload, dequantize op, data dtype)`` of the
     configured wire format."""
@@ -43,7 +44,7 @@ def _wire_ops(config: Config) -> tuple[object, tuple[object, ...], object, torch
     return mxfp8.quantize_mxint8.default, (-1,), mxfp8.dequantize_mxint8.default, torch.int8
 
 
-def note(wire_format: str) -> str:
+def _note(wire_format: str) -> str:
     return (f"quantized for the wire only (a2a_payloads='all'): dequantized after it, one "
             f"{wire_format.upper()} rounding of the payload")
 
@@ -70,7 +71,7 @@ def quantize_other_payloads(graph: fx.Graph, config: Config, planned: set[str]) 
             a2a=node.name, backward=is_backward(node), crossed=(), gemms=(), wgrads=(), rows=str(val.shape[0]),
             row_bytes_before=elements * val.dtype.itemsize,
             row_bytes_after=elements + elements // BLOCK_SIZE if carried else elements * val.dtype.itemsize,
-            notes=(note(config.a2a_wire_format),) if carried else (), wire_only=True,
+            notes=(_note(config.a2a_wire_format),) if carried else (), wire_only=True,
         )
         if carried:
             _carry_quantized(graph, node, wait, config)

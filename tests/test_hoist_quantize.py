@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from mxfp8_compile.lowering import targets
 from mxfp8_compile.numerics import sqnr
 from mxfp8_compile.passes.hoist_quantize import a2a_payloads
 from mxfp8_compile.passes.report import PassReport, SkipReason
+from mxfp8_compile.tools.dump import main
 
 BF16 = torch.bfloat16
 
@@ -272,6 +274,19 @@ def test_dump_shows_the_bytes_saved_on_the_wire() -> None:
     assert ("all-to-all payload: 2048 -> 1056 B per token row over 4 token all-to-alls (0.52x); "
             "quantization moved ahead of 2 of the 2 whose rows feed quantized GEMMs (2 more carried quantized "
             "for the wire (a2a_payloads='all'))") in result.summary
+
+
+@pytest.mark.usefixtures("one_rank")
+@pytest.mark.parametrize("wire_format", ["mxint8", "mxfp8"])
+def test_dump_cli_carries_the_wire_format(wire_format: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    factory = tmp_path / "ep.py"
+    factory.write_text("from mxfp8_compile.examples.ep_moe import build\n\ndef make():\n    return build()\n")
+    out = tmp_path / "dump"
+    assert main([f"{factory}:make", "--train", "--a2a-payloads", "all", "--a2a-wire-format", wire_format,
+                 "--out", str(out)]) == 0
+    decisions = "".join(p.read_text() for p in sorted(out.glob("*/decisions.txt")))
+    assert decisions.count(f"one {wire_format.upper()} rounding of the payload") == 2, decisions
+    assert "2 more carried quantized for the wire" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------

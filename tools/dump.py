@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from mxfp8_compile.backend import aot_backend
-from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, Config
+from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, A2A_WIRE_FORMATS, Config
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.hoist_quantize import a2a_payloads
 from mxfp8_compile.passes.report import PassReport, format_bytes
@@ -325,7 +325,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES,
                    help="wgrads of token rows that cross an all-to-all as MXFP8 (see Config.a2a_wgrad)")
     p.add_argument("--a2a-payloads", default="gemm_inputs", choices=A2A_PAYLOADS,
-                   help="which token all-to-alls carry MXFP8 (see Config.a2a_payloads)")
+                   help="which token all-to-alls carry 8 bits (see Config.a2a_payloads)")
+    p.add_argument("--a2a-wire-format", default="mxint8", choices=A2A_WIRE_FORMATS,
+                   help="the format of the payloads --a2a-payloads all adds (see Config.a2a_wire_format)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             dense_linears=not args.no_dense_linears, include_fqns=tuple(args.include),
             exclude_fqns=tuple(args.exclude), keep_bf16_modules=tuple(filter(None, args.keep_bf16.split(","))),
             min_gemm_size=args.min_gemm_size, a2a_wgrad=args.a2a_wgrad,
-            a2a_payloads=args.a2a_payloads,
+            a2a_payloads=args.a2a_payloads, a2a_wire_format=args.a2a_wire_format,
         )
         if args.example:
             examples = _examples()

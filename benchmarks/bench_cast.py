@@ -6,8 +6,8 @@ transposed view (a weight cast along its other dim, for dgrad); ``quantize_rebas
 (the wgrad's operands, 8 groups, uniform or skewed); ``quantize_rebase_rows_and_token_groups``
 (both casts of one activation, the forward's x or the dgrad's dy, from two reads of it) beside
 the two casts one after the other; ``quantize_rows_and_token_groups``, the same two casts
-without the rebase (the sm100 target's MX operands) in one kernel and one read. Timed with ``triton.testing.do_bench``
-(median) over rotating inputs.
+without the rebase (the sm100 target's MX operands) in one kernel and one read. Timed with
+``triton.testing.do_bench`` (median) over rotating inputs.
 
     python benchmarks/bench_cast.py --sweep --out cast.json
 """

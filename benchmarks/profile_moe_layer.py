@@ -10,11 +10,9 @@ import argparse
 import collections
 import copy
 
-import dataclasses
-
 import torch
 
-from bench_moe_layer import SHAPES, VARIANTS
+from bench_moe_layer import SHAPES, VARIANTS, compile_mxfp8
 from mxfp8_compile.examples.moe import MoE, MoEConfig
 
 
@@ -29,7 +27,7 @@ def main() -> None:
     layer = MoE(MoEConfig(**SHAPES[args.shape], experts=8, top_k=1, shared_hidden=0)).cuda().bfloat16()
     x = torch.randn(1, args.tokens, SHAPES[args.shape]["dim"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    mxfp8 = torch.compile(layer, backend="mxfp8", options=dataclasses.asdict(VARIANTS[args.variant]))
+    mxfp8 = compile_mxfp8(layer, args.variant)
     for name, compiled in (("bf16", torch.compile(copy.deepcopy(layer))), ("mxfp8", mxfp8)):
         for _ in range(3):
             compiled(x).backward(grad)

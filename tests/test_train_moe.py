@@ -4,6 +4,7 @@ benchmarks/RESULTS.md."""
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +12,23 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def test_dry_run_writes_the_log_plot_and_summary(tmp_path: Path) -> None:
+def test_dry_run_of_two_seeds_writes_the_log_plot_and_paired_summary(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "train_moe.py", "--preset", "tiny", "--steps", "4", "--eval-every", "2",
-         "--runs", "bf16", "mxfp8_experts", "--max-bytes", "200000", "--out", str(tmp_path)],
+         "--runs", "bf16", "mxfp8_experts", "--seeds", "0", "1", "--max-bytes", "200000", "--out", str(tmp_path)],
         cwd=BENCHMARKS, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["run"], r["step"]) for r in rows] == [(run, str(s)) for run in ("bf16", "mxfp8_experts") for s in range(4)]
+    assert [(r["seed"], r["run"], r["step"]) for r in rows] == [
+        (seed, run, str(s)) for seed in "01" for run in ("bf16", "mxfp8_experts") for s in range(4)]
     held = [float(r["heldout_loss"]) for r in rows if r["heldout_loss"]]
-    assert len(held) == 4 and all(4.0 < h < 6.0 for h in held)  # ln 256 = 5.5 at the start
+    assert len(held) == 8 and all(4.0 < h < 6.0 for h in held)  # ln 256 = 5.5 at the start
+    first = {r["seed"]: r["train_loss"] for r in rows if r["run"] == "bf16" and r["step"] == "0"}
+    assert first["0"] != first["1"]  # each seed its own initial weights and batches
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "summary.md").read_text()
-    assert "| mxfp8_experts |" in summary and "mxfp8_experts against bf16: held-out gap" in summary
+    assert "| mxfp8_experts | 1 |" in summary
+    assert re.search(r"mxfp8_experts against bf16: held-out gap [+-]\d+\.\d\d% ± \d+\.\d\d% .*seeds 0, 1: "
+                     r"[+-]\d+\.\d\d%, [+-]\d+\.\d\d%\)", summary), summary

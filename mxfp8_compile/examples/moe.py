@@ -28,12 +28,25 @@ class MoEConfig:
     shared_hidden: int = 128  # 0: no shared expert
     vocab: int = 256
     init_std: float = 0.02  # as torchtitan and HF transformers (initializer_range) initialize
+    rope_theta: float = 0.0  # rotary position embedding's base (Qwen3: 1e6, Llama: 1e4); 0: none
+
+
+def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding of ``x`` (B, H, S, D), D even, in fp32 and back to its dtype:
+    the halves of each head's channels are rotated pairwise (the HF transformers and GPT-NeoX
+    layout), position p by angle p * theta^(-2i/D) for channel pair i."""
+    seq, dim = x.shape[-2], x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    angles = torch.arange(seq, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.rope_theta = cfg.heads, cfg.rope_theta
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -42,6 +55,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.rope_theta:
+            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, d))
 

@@ -53,9 +53,9 @@ from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 PRESETS = {
     # 8 layers, 8 experts, top-2: about 250M parameters, 8192 tokens a step
     "default": dict(model=MoEConfig(dim=768, heads=12, layers=8, experts=8, top_k=2, expert_hidden=1536,
-                                    shared_hidden=0, vocab=256), batch=8, seq=1024),
+                                    shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=8, seq=1024),
     "tiny": dict(model=MoEConfig(dim=64, heads=2, layers=2, experts=8, top_k=2, expert_hidden=64,
-                                 shared_hidden=0, vocab=256), batch=2, seq=64),
+                                 shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=2, seq=64),
 }
 # run name -> the plugin's Config (None: the bf16 baseline, plain torch.compile)
 RUNS = {"bf16": None, "mxfp8": Config(), "mxfp8_experts": Config(dense_linears=False),

@@ -258,6 +258,17 @@ def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) 
     return "\n".join(lines + [""])
 
 
+def loss_plot(rows: list[dict]) -> bytes:
+    """PNG of every run's training loss and, darker, its held-out loss against the step, from
+    log rows (as ``train`` returns them, or as log.csv reads back)."""
+    series = []
+    for run, seed in dict.fromkeys((r["run"], r["seed"]) for r in rows):
+        (light, dark), mine = COLOURS[run], [r for r in rows if r["run"] == run and r["seed"] == seed]
+        series.append(([(float(r["step"]), float(r["train_loss"])) for r in mine], light))
+        series.append(([(float(r["step"]), float(r["heldout_loss"])) for r in mine if r["heldout_loss"] != ""], dark))
+    return line_plot(series)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
@@ -297,13 +308,7 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-    series = []
-    for seed in args.seeds:
-        for run in args.runs:
-            (light, dark), mine = COLOURS[run], [r for r in rows if r["run"] == run and r["seed"] == seed]
-            series.append(([(r["step"], r["train_loss"]) for r in mine], light))
-            series.append(([(r["step"], r["heldout_loss"]) for r in mine if r["heldout_loss"] != ""], dark))
-    (out / "loss.png").write_bytes(line_plot(series))
+    (out / "loss.png").write_bytes(loss_plot(rows))
     summary = summarize(rows, args, device)
     (out / "summary.md").write_text(summary)
     print(summary)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from train_moe import loss_plot  # noqa: E402
 
 
 def test_dry_run_of_two_seeds_writes_the_log_plot_and_paired_summary(tmp_path: Path) -> None:
@@ -28,6 +30,8 @@ def test_dry_run_of_two_seeds_writes_the_log_plot_and_paired_summary(tmp_path: P
     first = {r["seed"]: r["train_loss"] for r in rows if r["run"] == "bf16" and r["step"] == "0"}
     assert first["0"] != first["1"]  # each seed its own initial weights and batches
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the plot redrawn from the CSV is the one the run drew (so a kept log.csv can be re-plotted)
+    assert loss_plot(rows) == (tmp_path / "loss.png").read_bytes()
     summary = (tmp_path / "summary.md").read_text()
     assert "| mxfp8_experts | 1 |" in summary
     assert re.search(r"mxfp8_experts against bf16: held-out gap [+-]\d+\.\d\d% ± \d+\.\d\d% .*seeds 0, 1: "

@@ -1,22 +1,22 @@
 """Train a small MoE language model on real text, ``torch.compile`` bf16 against ``backend="mxfp8"``.
 
-Data: the Python standard library's own source files (``sysconfig.get_paths()["stdlib"]``, on
-every machine, no download), bytes as tokens (vocab 256), files in sorted order, the last 5% of
-the bytes held out. Model: the plugin's example MoE (``examples/moe.py``: attention, router, top-2
-of 8 SiLU-gated experts through ``torch._grouped_mm``, rotary position embedding) under a byte
-embedding; the default preset has 8 layers and about 250M parameters. The runs (``--runs``: ``bf16``, ``mxfp8``, and
-``mxfp8_experts`` with only the expert GEMMs converted, to split a loss gap between attention and
-experts, ``mxfp8_exact_accum`` without Hopper's fast FP8 accumulation, which ``Config`` uses by
-default on sm90) start from the same weights and see the same batches in the same order; AdamW
-with warm-up and cosine decay.
+Data: the Python standard library's own source files (``sysconfig.get_paths()["stdlib"]``, on every
+machine, no download), bytes as tokens (vocab 256), files in sorted order, the last 5% of the bytes
+held out. Model: the plugin's example MoE (``examples/moe.py``: attention, router, top-2 of 8
+SiLU-gated experts through ``torch._grouped_mm``, rotary position embedding) under a byte embedding;
+the default preset has 8 layers and about 250M parameters. The runs (``--runs``: ``bf16``,
+``mxfp8``, and ``mxfp8_experts`` with only the expert GEMMs converted, to split a loss gap between
+attention and experts, ``mxfp8_exact_accum`` without Hopper's fast FP8 accumulation, which
+``Config`` uses by default on sm90) start from the same weights and see the same batches in the same
+order; AdamW with warm-up and cosine decay.
 ``--mode reduce-overhead`` compiles every run with CUDA graphs.
 
 Seeds differ by more than the 0.5% to resolve (about 1.5% in held-out loss at 2000 steps; without
-the rotary embedding, before 2026-12-05, the loss sat on a plateau that ended at a step that
-varied from run to run, and one seed's runs landed up to 4% apart). ``--seeds`` repeats every run
-for each seed (its initial weights and batch order), seed by seed, and the summary compares the
-runs seed for seed: the mean of the paired gaps and its standard error. Each run starts from a reset Dynamo, its CUDA
-graph pools freed, so no run's peak memory holds an earlier run's.
+the rotary embedding, before 2026-12-05, the loss sat on a plateau that ended at a step that varied
+from run to run, and one seed's runs landed up to 4% apart). ``--seeds`` repeats every run for each
+seed (its initial weights and batch order), seed by seed, and the summary compares the runs seed for
+seed: the mean of the paired gaps and its standard error. Each run starts from a reset Dynamo, its
+CUDA graph pools freed, so no run's peak memory holds an earlier run's.
 
     python benchmarks/train_moe.py --steps 2000 --out train_out      # on a GPU
     python benchmarks/train_moe.py --seeds 1 2 3 --out train_out     # three seeds a run

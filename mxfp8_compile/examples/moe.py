@@ -46,7 +46,10 @@ def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        self.heads, self.rope_theta = cfg.heads, cfg.rope_theta
+        self.heads = cfg.heads
+        # None when off: under dynamic=True Dynamo makes a float attribute symbolic, and testing
+        # 0.0 for truth would specialize on it and compile the frame a second time
+        self.rope_theta = cfg.rope_theta or None
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -55,7 +58,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if self.rope_theta:
+        if self.rope_theta is not None:
             q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, d))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -87,9 +88,15 @@ def test_wheel_holds_only_the_mxfp8_compile_namespace(source_copy: Path, tmp_pat
 
 def test_editable_install_maps_root_folders_into_the_namespace(source_copy: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
-    # System site packages supply torch; the venv's own editable install comes first on sys.path.
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # Not the base interpreter's site packages: they hold whatever that machine has (no torch, a
+    # setuptools too old for PEP 639's license string). This interpreter's own site packages
+    # supply torch, pip and setuptools as a plain path entry, so that none of their .pth files (an
+    # editable install of this project among them) runs; the venv's own editable install answers.
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = str(env_dir / "bin" / "python")
+    venv_site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).strip()
+    own_site = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    (Path(venv_site) / "test_packaging_parent_site.pth").write_text("\n".join(own_site) + "\n")
     _run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(source_copy)], tmp_path)
     neutral = tmp_path / "neutral"
     neutral.mkdir()

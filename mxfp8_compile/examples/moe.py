@@ -48,7 +48,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         # None when off: under dynamic=True Dynamo makes a float attribute symbolic, and testing
-        # 0.0 for truth would specialize on it and compile the frame a second time
+        # 0.0 for truth would specialize on it and trace the frame a second time (when on, the
+        # rotation specializes on theta: one restart of the first trace, no recompile)
         self.rope_theta = cfg.rope_theta or None
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)

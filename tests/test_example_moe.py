@@ -1,8 +1,10 @@
 """The example model's rotary position embedding: its contract, and that the plugin converts the
-model with it exactly as without it (the rotation adds no GEMM)."""
+model with it exactly as without it (the rotation adds no GEMM); configurations it cannot build
+are refused up front."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,3 +48,14 @@ def test_rotary_keeps_bf16_and_the_plugin_converts_the_same_gemms() -> None:
         torch.testing.assert_close(out.detach().float(), reference.float(), atol=0.1, rtol=0.1)
     assert decisions[0.0] == decisions[10_000.0]
     assert sum(converted for *_, converted in decisions[0.0]) > 0
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(dim=128, heads=3), "dim 128 does not split into 3 heads"),
+    (dict(dim=12, heads=4, rope_theta=1e4), "head dim 3: the rotary embedding needs .* an even head dim"),
+    (dict(rope_theta=-1.0), "rope_theta -1.0 .* needs a positive base"),
+])
+def test_configurations_the_model_cannot_build_are_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**fields)
+    assert MoEConfig(dim=12, heads=4).dim == 12  # an odd head dim is fine without the rotation

@@ -30,6 +30,15 @@ class MoEConfig:
     init_std: float = 0.02  # as torchtitan and HF transformers (initializer_range) initialize
     rope_theta: float = 0.0  # rotary position embedding's base (Qwen3: 1e6, Llama: 1e4); 0: none
 
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"MoEConfig: dim {self.dim} does not split into {self.heads} heads; "
+                             "choose heads that divide dim")
+        if self.rope_theta < 0 or (self.rope_theta and self.dim // self.heads % 2):
+            raise ValueError(f"MoEConfig: rope_theta {self.rope_theta} with head dim {self.dim // self.heads}: "
+                             "the rotary embedding needs a positive base and an even head dim (rope_theta=0 "
+                             "turns it off)")
+
 
 def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary position embedding of ``x`` (B, H, S, D), D even, in fp32 and back to its dtype:

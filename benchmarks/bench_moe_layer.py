@@ -50,7 +50,7 @@ def compile_mxfp8(module: torch.nn.Module, variant: str) -> torch.nn.Module:
     return torch.compile(module, backend="mxfp8", options=dataclasses.asdict(VARIANTS[variant]))
 
 
-def _sync_time(fn) -> float:
+def sync_time(fn) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
@@ -102,7 +102,7 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_r
         for name, compile_fn in (("bf16", lambda: torch.compile(bf16)), ("mxfp8", lambda: compile_mxfp8(mx, variants[0]))):
             torch._dynamo.reset()
             compiled = compile_fn()
-            compile_s[name].append(_sync_time(lambda: compiled(xs[0]).backward(grads[0])))
+            compile_s[name].append(sync_time(lambda: compiled(xs[0]).backward(grads[0])))
     compiled_bf16 = torch.compile(bf16)
     compiled_bf16(xs[0]).backward(grads[0])
     t_bf16 = do_bench(stepper(compiled_bf16), warmup=200, rep=1000, return_mode="median")

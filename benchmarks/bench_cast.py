@@ -3,10 +3,10 @@
 Bytes moved = what the kernel must read (bf16 input) plus write (e4m3 data and scale bytes),
 once each. Kernels: ``quantize_rebase`` of a row-major activation (the forward's x) and of a
 transposed view (a weight cast along its other dim, for dgrad); ``quantize_rebase_token_groups``
-(the wgrad's operands, 8 groups, uniform or skewed); ``quantize_rebase_rows_and_token_groups``
-(both casts of one activation, the forward's x or the dgrad's dy, from two reads of it) beside
-the two casts one after the other; ``quantize_rows_and_token_groups``, the same two casts
-without the rebase (the sm100 target's MX operands) in one kernel and one read. Timed with
+(the wgrad's operands, 8 groups, uniform or skewed); both casts of one activation (the
+forward's x or the dgrad's dy) one after the other, as the sm90 target runs them, its bytes
+counted as if x were read once; ``quantize_rows_and_token_groups``, the same two casts without
+the rebase (the sm100 target's MX operands) in one kernel and one read. Timed with
 ``triton.testing.do_bench`` (median) over rotating inputs.
 
     python benchmarks/bench_cast.py --sweep --out cast.json
@@ -33,9 +33,6 @@ SHAPES = [(16384, 5120), (32768, 5120), (65536, 7168), (16384, 7168), (16384, 20
 # of the column kernel (token groups; transposed views use its default)
 ROW_TILES = [(1, 2048, 4), (1, 8192, 4), (1, 8192, 8), (1, 8192, 16), (2, 8192, 16)]
 COLUMN_TILES = [(128, 64, 4), (32, 32, 1), (32, 64, 1), (64, 64, 1), (32, 128, 1), (64, 32, 1), (32, 64, 2), (32, 128, 2)]
-# (BLOCK_M, BLOCK_R, warps) of the first kernel of the rows-and-token-groups cast
-BOTH_TILES = [(16, 1, 16), (32, 1, 16), (64, 1, 16), (32, 1, 8), (32, 2, 16), (64, 2, 16), (128, 4, 16),
-              (32, 2, 4), (32, 4, 4), (32, 4, 8), (64, 4, 8), (64, 8, 8), (128, 8, 16)]
 # (BLOCK_K, warps) of the MX rows-and-token-groups kernel
 MX_BOTH_TILES = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 4), (256, 8)]
 
@@ -73,10 +70,6 @@ def main() -> None:
             kernels[f"quantize_rebase_token_groups {routing}"] = (
                 lambda tile=None, offs=offs: triton_quantize.quantize_rebase_token_groups(nxt(), offs, tile=tile),
                 group_bytes, COLUMN_TILES)
-            both_bytes = row_bytes + group_bytes - m * k * 2  # x read once
-            kernels[f"rows and token groups, one op, {routing}"] = (
-                lambda tile=None, offs=offs: triton_quantize.quantize_rebase_rows_and_token_groups(nxt(), offs, tile=tile),
-                both_bytes, BOTH_TILES)
             mx_bytes = m * k * 2 + m * k + m * k // 32 + padded_rows_bound(m, 8, 32) * k * 33 // 32
             kernels[f"MX rows and token groups, one kernel, {routing}"] = (
                 lambda tile=None, offs=offs: triton_quantize.quantize_rows_and_token_groups(nxt(), offs, tile=tile),
@@ -84,7 +77,7 @@ def main() -> None:
             kernels[f"rows, then token groups, {routing}"] = (
                 lambda offs=offs: (lambda x: (triton_quantize.quantize_rebase_rows(x),
                                               triton_quantize.quantize_rebase_token_groups(x, offs)))(nxt()),
-                both_bytes, [])
+                row_bytes + group_bytes - m * k * 2, [])
         for name, (run, moved, tiles) in kernels.items():
             t = _time(run)
             bw = moved / t / 1e9

@@ -8,9 +8,6 @@ sweeps (scales, then data). A transposed view goes to the column kernels instead
 zero-padded to 32 rows and rebased per (group, column), written transposed (tokens contiguous):
 two launches parallel over (row chunks of every group, column tiles), the group amax per column
 by atomics, then the cast, four rows packed into each 32-bit word written along the tokens.
-``quantize_rebase_rows_and_token_groups``: both, for an activation that a grouped GEMM casts
-along K and its wgrad along tokens: one kernel writes the rows and folds the column amax (x read
-once), the column cast follows (x read again); three reads of x for the two casts apart.
 ``quantize_rows``, ``quantize_token_groups``, ``quantize_rows_and_token_groups``: plain MX (the
 sm100 target's operands; ``mxfp8::quantize`` on CUDA): one kernel over 32-row chunks of the
 groups and of the rows past them, each (32, BLOCK_K) tile cast along tokens, along its rows, or
@@ -333,48 +330,6 @@ def _column_amax_kernel(
 
 
 @triton.jit
-def _rows_and_column_amax_kernel(
-    x_ptr, offs_ptr, out_ptr, scale_ptr, amax_ptr,  # x (M, K) any strides; offs (G,) int32; out (M, K) u8; scale (M,) u8; amax as _column_amax_kernel
-    M, K, G,
-    stride_xm, stride_xk,
-    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
-):
-    """Program s: work item s, a chunk of BLOCK_M rows of one group, or of the rows past the
-    last group (entry G, the tail), read BLOCK_R whole rows (K <= BLOCK_K) at a time. Writes
-    what ``_quantize_rebase_rows_kernel`` writes for those rows, and folds the chunk's amax per
-    column into its group's (as ``_column_amax_kernel``; the tail's feeds no group): the rows
-    and the column scales of the token-group cast from one read of x."""
-    starts, sizes, _, _ = _group_layout(offs_ptr, G, 0, BLOCK_G)
-    starts, sizes = _with_rows_past_groups(starts, sizes, M, G, G, BLOCK_G)
-    group, chunk = _chunk_owner(tl.program_id(0), tl.cdiv(sizes, BLOCK_M), BLOCK_G)
-    if group <= G:
-        start = _of_group(starts, group, BLOCK_G) + chunk * BLOCK_M
-        end = tl.minimum(start + BLOCK_M, _of_group(starts + sizes, group, BLOCK_G))
-        cols = tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        # running maxima per element, reduced over the rows once at the end (a reduction per
-        # step crossed warps every time)
-        amax = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        nan = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.int1)
-        for r0 in tl.range(0, BLOCK_M, BLOCK_R, num_stages=2):  # the next rows load during this step
-            rows = start + r0 + tl.arange(0, BLOCK_R)
-            mask = (rows < end)[:, None] & col_mask[None, :]
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
-                        mask=mask, other=0.0)
-            row_scale = _row_scales(x, RCEIL)
-            tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                     _quantize_rebase_tile(x, row_scale, BLOCK_R, BLOCK_K, RCEIL, HW_CAST), mask=mask)
-            tl.store(scale_ptr + rows, row_scale.to(tl.uint8), mask=rows < end)
-            xf = x.to(tl.float32)
-            amax, nan = tl.maximum(amax, tl.abs(xf)), nan | (xf != xf)
-        if group < G:
-            col_nan = tl.max(nan.to(tl.int32), axis=0) > 0
-            bits = tl.where(col_nan, _NAN_BITS, tl.max(amax, axis=0).to(tl.int32, bitcast=True))
-            tl.atomic_max(amax_ptr + group.to(tl.int64) * K + cols, bits, mask=col_mask)
-
-
-@triton.jit
 def _quantize_rebase_words(x0, x1, x2, x3, column_scale, RCEIL: tl.constexpr, HW_CAST: tl.constexpr):
     """int32 words (NUM_BLOCKS, 8, BLOCK_K) of the e4m3 bytes of 32-row blocks, row ``4 * w + j``
     of block b and column k being ``x_j[b, w, k]``: word (b, w, k) holds rows 4w..4w+3,
@@ -477,7 +432,6 @@ def _column_amax(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 def _quantize_rebase_columns(
     x: torch.Tensor, offs: torch.Tensor, mode: str, out: torch.Tensor, padded_rows: int,
     stride_out_group: int, stride_out_col: int, tile: tuple[int, int, int] | None,
-    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the columns of x (M, K) in 32-row blocks within the row groups ending at
     ``offs``, each group padded to a multiple of 32 rows, rebased to one scale per (group,
@@ -487,8 +441,7 @@ def _quantize_rebase_columns(
 
     Two kernels, each parallel over (row chunks of every group, column tiles), so that one large
     group (skewed routing) still spreads over the GPU: the group amax per column
-    (``_column_amax``), then the cast. ``amax``: that amax, where a kernel that read x for
-    another reason already folded it (``quantize_rebase_rows_and_token_groups``).
+    (``_column_amax``), then the cast.
     """
     k = x.shape[1]
     groups = offs.shape[0]
@@ -496,8 +449,7 @@ def _quantize_rebase_columns(
     padded_offs = torch.empty(groups, dtype=torch.int32, device=x.device)
     if k == 0:
         return scales, padded_offs.copy_(numerics.padded_group_offsets(offs))
-    if amax is None:
-        amax = _column_amax(x, offs)
+    amax = _column_amax(x, offs)
     block_m, block_k, num_warps = _fit(tile or CAST_TILE, k)
     # each group adds at most one partial chunk, and each of groups + 1 (the tail) has one
     _quantize_rebase_columns_kernel[(triton.cdiv(padded_rows, block_m) + groups + 1, triton.cdiv(k, block_k))](
@@ -527,64 +479,6 @@ def quantize_rebase_token_groups(
     mp = padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
     out = torch.empty(x.shape[1], mp, dtype=torch.float8_e4m3fn, device=x.device)
     return out, *_quantize_rebase_columns(x, offs, mode, out, mp, 1, mp, tile)
-
-
-# Rows up to this long take the one-read-of-rows path of quantize_rebase_rows_and_token_groups;
-# longer ones the two casts. Measured on an H200 (benchmarks/RESULTS.md, 2026-12-04): 16384 x
-# 2048 in 8 groups 0.117 ms against 0.242 for the two casts; at K 5120 and 7168 its best tile
-# was 19% and 9% slower than them (the one-row-at-a-time loop keeps too few loads in flight
-# where the row kernel, a program a row, has them all).
-SHARED_READ_MAX_K = 2048
-
-
-def rows_and_column_amax_tile(k: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_R, num_warps)`` of ``_rows_and_column_amax_kernel`` for rows of length
-    k: chunks of 32 rows (one atomic per column for each), 2048 elements a step, 8 warps (the
-    fastest of nine tiles at K 2048 on an H200)."""
-    block_k = max(triton.next_power_of_2(k), BLOCK_SIZE)
-    return 32, max(1, 2048 // block_k), 8
-
-
-def quantize_rebase_rows_and_token_groups(
-    x: torch.Tensor, offs: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(*quantize_rebase_rows(x), *quantize_rebase_token_groups(x, offs))``, the same bits,
-    the two casts of one activation that a grouped GEMM (the forward's x, the dgrad's dy) and
-    its wgrad take.
-
-    Input: ``x`` (M, K) bf16/fp16/fp32 on CUDA, K a multiple of 32; ``offs`` (G,) int32 group end
-    offsets. Output: ``(rows (M, K) e4m3, row scales (M,) u8, columns (K, Mp) e4m3, group scales
-    (G, K) u8, padded offs (G,) int32)``. For contiguous rows of at most ``SHARED_READ_MAX_K``
-    (or any length, with ``tile``) x is read twice instead of three times: the first kernel
-    writes the rows and folds the amax per (group, column), the column cast follows. Any other x
-    (longer rows, where that is slower; a transposed view) runs the two casts one after the
-    other. ``tile``: ``(BLOCK_M, BLOCK_R, num_warps)`` of the first kernel, by default
-    ``rows_and_column_amax_tile(K)``.
-    """
-    check_high_precision("x", x)
-    check_block_dim("x", x, -1)
-    check_offsets("offs", offs)
-    check_tokens("x", x)
-    m, k = x.shape
-    if x.stride(1) != 1 or not 0 < k <= (MAX_ONE_READ_K if tile else SHARED_READ_MAX_K) or m == 0:
-        return (*quantize_rebase_rows(x, mode), *quantize_rebase_token_groups(x, offs, mode))
-    rceil = ScaleMode.parse(mode) is ScaleMode.RCEIL
-    rows = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    row_scales = torch.empty(m, dtype=torch.uint8, device=x.device)
-    groups = offs.shape[0]
-    amax = torch.zeros(groups, k, dtype=torch.int32, device=x.device)
-    block_m, block_r, num_warps = tile or rows_and_column_amax_tile(k)
-    # each group and the tail add at most one partial chunk
-    _rows_and_column_amax_kernel[(triton.cdiv(m, block_m) + groups + 1,)](
-        x, offs, rows.view(torch.uint8), row_scales, amax, m, k, groups, x.stride(0), x.stride(1),
-        BLOCK_G=triton.next_power_of_2(groups + 1), BLOCK_M=block_m, BLOCK_R=block_r,
-        BLOCK_K=max(triton.next_power_of_2(k), BLOCK_SIZE), RCEIL=rceil, HW_CAST=not _INTERPRETED,
-        num_warps=num_warps,
-    )
-    mp = padded_rows_bound(m, groups, BLOCK_SIZE)
-    columns = torch.empty(k, mp, dtype=torch.float8_e4m3fn, device=x.device)
-    group_scales, padded_offs = _quantize_rebase_columns(x, offs, mode, columns, mp, 1, mp, None, amax)
-    return rows, row_scales, columns, group_scales, padded_offs
 
 
 @triton.jit

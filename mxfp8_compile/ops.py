@@ -25,7 +25,6 @@ quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Tr
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
                            data transposed (K, Mp) (Triton on CUDA)
-quantize_rebase_rows_and_token_groups  x (M, K), offs -> both of the above, x read twice on CUDA
 scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
                            2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
 scaled_mm                  MX (M,K) x (K,N) -> (M,N) out_dtype
@@ -277,7 +276,7 @@ def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
 
 
 @quantize_rebase.register_fake
-def _quantize_rebase_fake(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     numerics.check_high_precision("x", x)
     numerics.check_block_dim("x", x, -1)
     numerics.ScaleMode.parse(mode)
@@ -318,36 +317,13 @@ def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Ten
 
 
 @quantize_rebase_token_groups.register_fake
-def _quantize_rebase_token_groups_fake(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
     rows = _padded_token_rows(x, offs, mode)
     return (
         x.new_empty(x.shape[1], rows, dtype=_E4M3),
         x.new_empty(offs.shape[0], x.shape[1], dtype=_U8),
         offs.new_empty(offs.shape),
     )
-
-
-@torch.library.custom_op("mxfp8::quantize_rebase_rows_and_token_groups", mutates_args=())
-def quantize_rebase_rows_and_token_groups(
-    x: Tensor, offs: Tensor, mode: str = "rceil"
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``quantize_rebase(x)`` and ``quantize_rebase_token_groups(x, offs)`` together: x (M, K) ->
-    (rows (M, K) e4m3, row scales (M,) u8, columns (K, Mp) e4m3, group scales (G, K) u8, padded
-    offs (G,) int32). The two casts of one activation that a grouped GEMM along K and its wgrad
-    along tokens take; on CUDA two Triton kernels that read x twice (three apart)."""
-    return (*quantize_rebase(x, mode), *quantize_rebase_token_groups(x, offs, mode))
-
-
-@quantize_rebase_rows_and_token_groups.register_kernel("cuda")
-def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_rows_and_token_groups as kernel
-
-    return kernel(x, offs, mode)
-
-
-@quantize_rebase_rows_and_token_groups.register_fake
-def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return (*_quantize_rebase_fake(x, mode), *_quantize_rebase_token_groups_fake(x, offs, mode))
 
 
 # --------------------------------------------------------------------------------------------

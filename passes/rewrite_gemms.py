@@ -49,10 +49,10 @@ torch's kernel looks for them), B's per expert, both 2Dx2D operands' per padded 
 A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
 
 On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad along tokens
-(the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``)::
+(the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``); on sm100 in one
+kernel that reads it once::
 
-    ra, ra_scale, rxt, sx, po = mxfp8.quantize_rebase_rows_and_token_groups(x, offs, mode)   # sm90
-    qa, sa, qx, sx, po = mxfp8.quantize_rows_and_token_groups(x, offs, mode)                # sm100
+    qa, sa, qx, sx, po = mxfp8.quantize_rows_and_token_groups(x, offs, mode)
 """
 
 from __future__ import annotations
@@ -105,12 +105,12 @@ class _Casts:
 
     On sm90 and sm100, an activation cast along K for a grouped GEMM (the forward's x, the dgrad's
     dy) and along tokens for a wgrad with the same offsets is cast once for every GEMM that
-    reads it (x feeds the gate and the up projection), before whichever of them comes first: in
-    one op where that pays (sm100's ``quantize_rows_and_token_groups`` reads x once; sm90's
-    ``quantize_rebase_rows_and_token_groups`` twice instead of three times, for rows up to
-    ``SHARED_READ_MAX_K``), else as the two casts (sm90's longer rows: the row cast then keeps
-    the template that fuses its producer). The emulated target, the reference, casts every
-    operand where its GEMM reads it.
+    reads it (x feeds the gate and the up projection), before whichever of them comes first: on
+    sm100 in one op that reads x once (``quantize_rows_and_token_groups``), on sm90 as the two
+    casts (the row cast keeps the template that fuses its producer; a fused rebased pair, which
+    reads x twice instead of three times, was slower on an H100 at every width timed:
+    benchmarks/RESULTS.md, 2026-12-06). The emulated target, the reference, casts every operand
+    where its GEMM reads it.
     """
 
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node]) -> None:
@@ -147,16 +147,11 @@ class _Casts:
 
     def _shared(self, n: _Nodes, key: _CastKey) -> list[fx.Node]:
         if key not in self.outputs:
-            from mxfp8_compile.lowering.triton_quantize import SHARED_READ_MAX_K
-
             x = n.transposed(key[0]) if key[1] else key[0]
-            k = x.meta["val"].shape[-1]
-            if not self.rebased:
-                both = n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode)
-            elif isinstance(k, int) and k <= SHARED_READ_MAX_K:
-                both = n.multi(mxfp8.quantize_rebase_rows_and_token_groups.default, x, key[2], self.mode)
-            else:
+            if self.rebased:
                 both = [*self._rows(n, x), *self._token_groups(n, x, key[2])]
+            else:
+                both = n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode)
             self.outputs[key] = both
         return self.outputs[key]
 

@@ -119,8 +119,6 @@ def test_cast_ops_run_their_triton_kernels() -> None:
         (lambda: ops.quantize_rebase(x), ["_quantize_rebase_rows_kernel"]),
         (lambda: ops.quantize_rebase(x.t()), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
         (lambda: ops.quantize_rebase_token_groups(x, offs), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
-        (lambda: ops.quantize_rebase_rows_and_token_groups(x, offs),
-         ["_rows_and_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
         (lambda: ops.quantize_rows_and_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize(x), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),

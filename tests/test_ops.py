@@ -58,7 +58,6 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.rebase_rowwise, (qw, sw, -2), {}),
         (ops.rebase_token_groups, (qt, st, po), {}),
         (ops.quantize_rebase_token_groups, (dy[:, :64].t(), offs[:2]), {"mode": "floor"}),
-        (ops.quantize_rebase_rows_and_token_groups, (x, offs), {}),
         (ops.quantize_rows_and_token_groups, (x, offs), {"mode": "floor"}),
         (ops.scaled_grouped_mm, (q, s, qw, sw, offs, BF16), {}),
         (ops.scaled_grouped_mm, (qd.t(), sd.t(), qt, st, po, torch.float32), {}),

@@ -92,10 +92,9 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     assert {"mxfp8.quantize_rebase.default", "mxfp8.scaled_grouped_mm_rowwise.default",
             "mxfp8.scaled_mm_rowwise.default"} <= set(targets_in_graph)
     assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & set(targets_in_graph)
-    # every activation an expert GEMM casts along K and its wgrad along tokens is cast once for
-    # both: x (shared by the gate and up projections), h (down), and the backward's dy of each
-    assert targets_in_graph["mxfp8.quantize_rebase_rows_and_token_groups.default"] == 5
-    assert targets_in_graph["mxfp8.quantize_rebase_token_groups.default"] == 0
+    # every activation an expert GEMM casts along K and its wgrad along tokens is cast once each
+    # way: x (shared by the gate and up projections), h (down), and the backward's dy of each
+    assert targets_in_graph["mxfp8.quantize_rebase_token_groups.default"] == 5
     # each GEMM reads fp32 scales decoded by graph ops (which Inductor fuses), not by the op itself
     rowwise = [n for gm in graphs.values() for n in gm.graph.nodes if str(n.target).endswith("mm_rowwise.default")]
     assert rowwise
@@ -154,19 +153,18 @@ def test_auto_picks_sm90_only_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("pretend_sm90")
-def test_long_rows_share_their_casts_as_two_ops() -> None:
-    # rows longer than SHARED_READ_MAX_K (x and the down projection's dy, dim 2560) get the two
-    # casts, each once for all its GEMMs; the expert hidden dim (64) gets the one op
-    model, (x,) = build(MoEConfig(layers=1, dim=2560, heads=4, expert_hidden=64, experts=2, shared_hidden=0))
+def test_shared_activations_are_cast_once_each_way() -> None:
+    # x (read by the gate and the up projection), h, and the backward's dy of each expert GEMM:
+    # one row cast and one token-group cast each, whatever the number of GEMMs that read them
+    model, (x,) = build(MoEConfig(layers=1, dim=128, heads=4, expert_hidden=64, experts=2, shared_hidden=0))
     graphs: dict[str, torch.fx.GraphModule] = {}
     compiled = torch.compile(model, backend=mxfp8_compile.backend(Config(target="sm90"), inductor=False,
                                                                    on_graph=graphs.__setitem__))
     compiled(x).float().sum().backward()
     nodes = list(graphs["joint"].graph.nodes)
-    shared = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_rows_and_token_groups.default]
     groups = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_token_groups.default]
-    assert {n.args[0].meta["val"].shape[-1] for n in shared} == {64} and len(shared) == 3
-    assert [n.args[0].meta["val"].shape[-1] for n in groups] == [2560, 2560]
-    # x, read by the gate and the up projection, is cast once along K and once along tokens
-    x_casts = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase.default and n.args[0] is groups[0].args[0]]
-    assert len(x_casts) == 1
+    assert [n.args[0].meta["val"].shape[-1] for n in groups].count(128) == 2  # x and the down projection's dy
+    assert len(groups) == 5
+    for cast in groups:
+        rows = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase.default and n.args[0] is cast.args[0]]
+        assert len(rows) == 1, cast.args[0]

@@ -4,11 +4,9 @@ is monkeypatched to report an SM90 device. The same path runs for real in test_g
 from __future__ import annotations
 
 import collections
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mxfp8_compile
 from compare import compare, mse_to

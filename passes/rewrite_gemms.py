@@ -108,7 +108,7 @@ class _Casts:
     reads it (x feeds the gate and the up projection), before whichever of them comes first: on
     sm100 in one op that reads x once (``quantize_rows_and_token_groups``), on sm90 as the two
     casts (the row cast keeps the template that fuses its producer; a fused rebased pair, which
-    reads x twice instead of three times, was slower on an H100 at every width timed:
+    reads x twice instead of three times, was slower on an H100 or tied, at every width timed:
     benchmarks/RESULTS.md, 2026-12-06). The emulated target, the reference, casts every operand
     where its GEMM reads it.
     """

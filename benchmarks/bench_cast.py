@@ -6,7 +6,9 @@ transposed view (a weight cast along its other dim, for dgrad); ``quantize_rebas
 (the wgrad's operands, 8 groups, uniform or skewed); both casts of one activation (the
 forward's x or the dgrad's dy) one after the other, as the sm90 target runs them, its bytes
 counted as if x were read once; ``quantize_rows_and_token_groups``, the same two casts without
-the rebase (the sm100 target's MX operands) in one kernel and one read. Timed with
+the rebase (the sm100 target's MX operands) in one kernel and one read; the MX token-group
+cast written (Mp, K), tokens contiguous (K, Mp) as the sm100 wgrad reads it, and (Mp, K)
+followed by the fp8 transpose copy the sm100 wgrad made before. Timed with
 ``triton.testing.do_bench`` (median) over rotating inputs.
 
     python benchmarks/bench_cast.py --sweep --out cast.json
@@ -71,6 +73,16 @@ def main() -> None:
                 lambda tile=None, offs=offs: triton_quantize.quantize_rebase_token_groups(nxt(), offs, tile=tile),
                 group_bytes, COLUMN_TILES)
             mx_bytes = m * k * 2 + m * k + m * k // 32 + padded_rows_bound(m, 8, 32) * k * 33 // 32
+            tokens_bytes = m * k * 2 + padded_rows_bound(m, 8, 32) * k * 33 // 32
+            for layout, contiguous in (("(Mp, K)", False), ("tokens contiguous (K, Mp)", True)):
+                kernels[f"MX token groups {layout}, {routing}"] = (
+                    lambda offs=offs, contiguous=contiguous: triton_quantize.quantize_token_groups(
+                        nxt(), offs, tokens_contiguous=contiguous), tokens_bytes, [])
+            # what the sm100 wgrad ran before its cast wrote tokens contiguous: the (Mp, K) cast,
+            # then the fp8 copy into the layout torch's MX GEMM reads (bytes counted as the cast's)
+            kernels[f"MX token groups (Mp, K), then the fp8 transpose copy, {routing}"] = (
+                lambda offs=offs: triton_quantize.quantize_token_groups(nxt(), offs)[0].t().contiguous(),
+                tokens_bytes, [])
             kernels[f"MX rows and token groups, one kernel, {routing}"] = (
                 lambda tile=None, offs=offs: triton_quantize.quantize_rows_and_token_groups(nxt(), offs, tile=tile),
                 mx_bytes, MX_BOTH_TILES)

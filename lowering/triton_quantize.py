@@ -11,7 +11,8 @@ by atomics, then the cast, four rows packed into each 32-bit word written along 
 ``quantize_rows``, ``quantize_token_groups``, ``quantize_rows_and_token_groups``: plain MX (the
 sm100 target's operands; ``mxfp8::quantize`` on CUDA): one kernel over 32-row chunks of the
 groups and of the rows past them, each (32, BLOCK_K) tile cast along tokens, along its rows, or
-both from one read.
+both from one read; the token groups written (Mp, K) or transposed, tokens contiguous, as the
+sm100 wgrad reads them.
 All share the math: ``_e8m0`` (scale bytes from an amax), ``_quantize_shifted`` (quantize with a
 block's scale, shift to the rebased one). On the GPU the hardware cast rounds to e4m3
 (``cvt.rn.satfinite``, as inline PTX: ``_e4m3_rounded_twice``); under the Triton interpreter,
@@ -485,15 +486,18 @@ def quantize_rebase_token_groups(
 def _mx_rows_and_token_groups_kernel(
     x_ptr, offs_ptr,  # x (M, K) any strides; offs (G,) int32
     rows_ptr, row_scale_ptr,  # (M, K) e4m3 bytes, (M, K/32) u8, both contiguous
-    cols_ptr, col_scale_ptr, padded_offs_ptr,  # (Mp, K) e4m3 bytes, (Mp/32, K) u8, (G,) int32
+    cols_ptr, col_scale_ptr, padded_offs_ptr,  # (Mp, K) e4m3 bytes, (Mp/32, K) u8 at the strides below; (G,)
     M, K, Mp, G,
     stride_xm, stride_xk,
+    stride_cm, stride_ck,  # of the token-group data and of its scales, along tokens and along K:
+    stride_sm, stride_sk,  # (K, 1) row-major, or (1, Mp) and (1, Mp/32) tokens contiguous
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
     WRITE_ROWS: tl.constexpr, WRITE_COLUMNS: tl.constexpr,
 ):
     """Program (s, k): work item s, a 32-row chunk, columns [k*BLOCK_K, +BLOCK_K). Entries
     g < G are the groups, 32 padded rows a chunk: each 32-row block of a column quantized with
-    its own scale (the token-group cast, padding rows zero; if WRITE_COLUMNS), and each row's
+    its own scale (the token-group cast, padding rows zero, written at the given strides; if
+    WRITE_COLUMNS), and each row's
     32-column blocks (the row cast, if WRITE_ROWS) of the rows that are x's. Entry G is the
     padding after the last group (zero data, scale byte 0), entry G + 1 the rows past the last
     group (row cast only). One read of x for both casts."""
@@ -522,9 +526,11 @@ def _mx_rows_and_token_groups_kernel(
                 amax, has_nan = _abs_max(x, 0)
                 scale = _e8m0(amax, has_nan, RCEIL)  # (BLOCK_K,)
                 padded = _of_group(padded_starts, group, BLOCK_G) + chunk * 32
-                tl.store(cols_ptr + (padded + tl.arange(0, 32)).to(tl.int64)[:, None] * K + cols[None, :],
+                tl.store(cols_ptr + (padded + tl.arange(0, 32)).to(tl.int64)[:, None] * stride_cm
+                         + cols.to(tl.int64)[None, :] * stride_ck,
                          _quantize_shifted(x, scale[None, :], scale[None, :], HW_CAST), mask=col_mask[None, :])
-                tl.store(col_scale_ptr + (padded // 32).to(tl.int64) * K + cols, scale.to(tl.uint8), mask=col_mask)
+                tl.store(col_scale_ptr + (padded // 32).to(tl.int64) * stride_sm + cols.to(tl.int64) * stride_sk,
+                         scale.to(tl.uint8), mask=col_mask)
         if WRITE_ROWS:
             if group != G:  # along the rows: the rows of x in this chunk
                 NUM_BLOCKS: tl.constexpr = BLOCK_K // 32
@@ -547,21 +553,28 @@ MX_TILE = (128, 1)
 
 def _mx_casts(
     x: torch.Tensor, offs: torch.Tensor, mode: str, rows: bool, columns: bool, tile: tuple[int, int] | None,
+    tokens_contiguous: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The MX casts of x (M, K) that ``rows`` and ``columns`` ask for, in one launch:
-    ``(rows, row scales)`` then ``(token groups, their scales, padded offs)``."""
+    ``(rows, row scales)`` then ``(token groups, their scales, padded offs)``, the token groups
+    (Mp, K) and (Mp/32, K), or with ``tokens_contiguous`` (K, Mp) and (K, Mp/32)."""
     check_high_precision("x", x)
     if rows:
         check_block_dim("x", x, -1)
     (m, k), groups = x.shape, offs.shape[0]
     mp = padded_rows_bound(m, groups, BLOCK_SIZE) if columns else 0
+    cols_shape, col_scales_shape = ((k, mp), (k, mp // BLOCK_SIZE)) if tokens_contiguous else ((mp, k), (mp // BLOCK_SIZE, k))
     out = {
         "rows": torch.empty(m if rows else 0, k, dtype=torch.float8_e4m3fn, device=x.device),
         "row_scales": torch.empty(m if rows else 0, k // BLOCK_SIZE, dtype=torch.uint8, device=x.device),
-        "cols": torch.empty(mp, k, dtype=torch.float8_e4m3fn, device=x.device),
-        "col_scales": torch.empty(mp // BLOCK_SIZE, k, dtype=torch.uint8, device=x.device),
+        "cols": torch.empty(cols_shape, dtype=torch.float8_e4m3fn, device=x.device),
+        "col_scales": torch.empty(col_scales_shape, dtype=torch.uint8, device=x.device),
         "padded_offs": torch.empty(groups, dtype=torch.int32, device=x.device),
     }
+    # the kernel addresses the token groups as (Mp, K) and (Mp/32, K): their strides in that order
+    cols, col_scales = out["cols"], out["col_scales"]
+    if tokens_contiguous:
+        cols, col_scales = cols.t(), col_scales.t()
     parts = (["rows", "row_scales"] if rows else []) + (["cols", "col_scales", "padded_offs"] if columns else [])
     if k == 0 or m == 0:
         out["padded_offs"].copy_(numerics.padded_group_offsets(offs))
@@ -573,7 +586,7 @@ def _mx_casts(
     _mx_rows_and_token_groups_kernel[(chunks, triton.cdiv(k, block_k))](
         x, offs, out["rows"].view(torch.uint8), out["row_scales"], out["cols"].view(torch.uint8),
         out["col_scales"], out["padded_offs"], m, k, mp, groups, x.stride(0), x.stride(1),
-        BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
+        *cols.stride(), *col_scales.stride(), BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
         HW_CAST=not _INTERPRETED, WRITE_ROWS=rows, WRITE_COLUMNS=columns, num_warps=num_warps,
     )
     return tuple(out[p] for p in parts)
@@ -591,12 +604,14 @@ def quantize_rows(x: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int]
 
 def quantize_token_groups(
     x: torch.Tensor, offs: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int] | None = None,
+    tokens_contiguous: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``numerics.to_mx_token_groups(x, offs)`` in one CUDA kernel: x (M, K) any strides, offs
-    (G,) int32 -> ``(qdata (Mp, K) e4m3, scales (Mp/32, K) u8, padded offs (G,) int32)``."""
+    (G,) int32 -> ``(qdata (Mp, K) e4m3, scales (Mp/32, K) u8, padded offs (G,) int32)``; with
+    ``tokens_contiguous``, the data and scales written transposed: (K, Mp) and (K, Mp/32)."""
     check_offsets("offs", offs)
     check_tokens("x", x)
-    return _mx_casts(x, offs, mode, False, True, tile)
+    return _mx_casts(x, offs, mode, False, True, tile, tokens_contiguous)
 
 
 def quantize_rows_and_token_groups(
@@ -604,16 +619,17 @@ def quantize_rows_and_token_groups(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(*numerics.to_mx(x, dim=-1), *numerics.to_mx_token_groups(x, offs))`` in one CUDA
     kernel that reads x once: the MX operands (no rebase) of a grouped GEMM along K and of its
-    wgrad along tokens, as the sm100 target takes them.
+    wgrad along tokens, as the sm100 target takes them, the token groups written transposed
+    (tokens contiguous, the layout of both wgrad operands).
 
     Input: ``x`` (M, K) bf16/fp16/fp32 on CUDA, any strides, K a multiple of 32; ``offs`` (G,)
     int32 group end offsets. Output: ``(rows (M, K) e4m3, row scales (M, K/32) u8, token groups
-    (Mp, K) e4m3, their scales (Mp/32, K) u8, padded offs (G,) int32)``, ``Mp =
+    (K, Mp) e4m3, their scales (K, Mp/32) u8, padded offs (G,) int32)``, ``Mp =
     padded_rows_bound(M, G, 32)``. ``tile``: ``(BLOCK_K, num_warps)``, by default ``MX_TILE``.
     """
     check_offsets("offs", offs)
     check_tokens("x", x)
-    return _mx_casts(x, offs, mode, True, True, tile)
+    return _mx_casts(x, offs, mode, True, True, tile, tokens_contiguous=True)
 
 
 def _quantize_rebase_transposed(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

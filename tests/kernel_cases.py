@@ -121,9 +121,11 @@ def _mismatches(device: str, large: bool) -> list[str]:
         for x, offs in token_group_inputs(device, large):
             q, s, po = quantize_rebase_token_groups(x, offs, mode)
             rq, rs, rpo = numerics.to_mx_token_groups(x.cpu(), offs.cpu(), mode=mode)
-            failures += [_byte_mismatch(f"MX token groups {offs.tolist()} {mode} {part}", x, got, want)
-                         for part, got, want in zip(("data", "scales", "padded offsets"),
-                                                    quantize_token_groups(x, offs, mode), (rq, rs, rpo), strict=True)]
+            transposed = (rq.t(), rs.t(), rpo)  # the sm100 wgrad's layout, tokens contiguous
+            for layout, want in (("", (rq, rs, rpo)), (" transposed", transposed)):
+                got = quantize_token_groups(x, offs, mode, tokens_contiguous=bool(layout))
+                failures += [_byte_mismatch(f"MX token groups{layout} {offs.tolist()} {mode} {part}", x, g, w)
+                             for part, g, w in zip(("data", "scales", "padded offsets"), got, want, strict=True)]
             rq, rs = numerics.rebase_token_groups(rq, rs, rpo)
             failures += [
                 _byte_mismatch(f"token groups {offs.tolist()} {mode} data", x, q, rq.t()),
@@ -132,7 +134,7 @@ def _mismatches(device: str, large: bool) -> list[str]:
             ]
             if x.shape[1] % 32:  # token groups only: no row blocks
                 continue
-            want = (*numerics.to_mx(x.cpu(), mode=mode), *numerics.to_mx_token_groups(x.cpu(), offs.cpu(), mode=mode))
+            want = (*numerics.to_mx(x.cpu(), mode=mode), *transposed)
             failures += _parts_mismatch(f"MX rows and token groups {offs.tolist()} {mode}", x,
                                         quantize_rows_and_token_groups(x, offs, mode), want)
     return [f for f in failures if f]

@@ -32,11 +32,16 @@ from mxfp8_compile.passes.report import PassReport, last_report, reports
 
 
 def __getattr__(name: str) -> object:
-    # The dump tool pulls in networkx and the SVG renderer: load it on first use.
+    # The dump tool pulls in networkx and the SVG renderer, the self-check the ops: load them on
+    # first use.
     if name == "dump":
         from mxfp8_compile.tools.dump import dump
 
         return dump
+    if name == "selftest":
+        from mxfp8_compile.self_check import selftest
+
+        return selftest
     raise AttributeError(f"module 'mxfp8_compile' has no attribute {name!r}")
 
 
@@ -51,4 +56,5 @@ __all__ = [
     "mxfp8_backend",
     "numerics",
     "reports",
+    "selftest",
 ]

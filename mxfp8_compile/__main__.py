@@ -1,5 +1,6 @@
 """``python -m mxfp8_compile``: compile the built-in example MoE with ``backend="mxfp8"``, run one
 training step, and print what was converted and the SQNR against the same model in bf16.
+``python -m mxfp8_compile --selftest``: check the GPU at hand (``mxfp8_compile.selftest``).
 
 The bf16 baseline is compiled by the same compiler without the plugin (Inductor fuses bf16
 elementwise chains in fp32, which by itself flips near-tie routing decisions of a random-init
@@ -28,7 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-inductor", action="store_true", help="run the passes under AOTAutograd only (fast, no codegen)"
     )
+    parser.add_argument(
+        "--selftest", nargs="?", const="auto", choices=["auto", "sm90", "sm100"], metavar="TARGET",
+        help="check the GPU's target (or TARGET, on a CPU its emulation) against the emulated reference, "
+             "case by case; exit 1 on a mismatch",
+    )
     args = parser.parse_args(argv)
+    if args.selftest:
+        from mxfp8_compile.self_check import selftest
+
+        return 0 if selftest(target=None if args.selftest == "auto" else args.selftest) else 1
 
     config = mxfp8_compile.Config(scale_mode=args.scale_mode)
     model, (x,) = build(MoEConfig(layers=args.layers))

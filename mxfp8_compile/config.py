@@ -56,6 +56,11 @@ class Config:
         (default; int8 elements with an E8M0 scale per 32, OCP MXINT8: 41 dB round trip on
         Gaussian rows) or ``"mxfp8"`` (31.5 dB there, but relative precision for the small
         values of a block with an outlier). Both cost 33 bytes per 32 elements.
+    sm100_ragged_groups: on sm100, hand torch's MX grouped GEMM the forward's and dgrad's token
+        groups as they are (any sizes) instead of padded to multiples of 32 rows. Off by default:
+        every MX 2d-3d run upstream (torch's tests, torchao) pads to 32, and ragged groups are
+        unproven on hardware until ``python -m mxfp8_compile --selftest`` says this GPU runs
+        them right. Padding costs one copy of the fp8 rows and of the output.
     """
 
     scale_mode: str = "rceil"
@@ -71,6 +76,7 @@ class Config:
     a2a_wgrad: str = "dequant"
     a2a_payloads: str = "gemm_inputs"
     a2a_wire_format: str = "mxint8"
+    sm100_ragged_groups: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scale_mode", self.scale_mode, tuple(m.value for m in ScaleMode))
@@ -87,8 +93,9 @@ class Config:
                 _check_choice(name, role, GEMM_ROLES)
         for dtype in self.operand_dtypes:
             _check_choice("operand_dtypes", dtype, tuple(OPERAND_DTYPES))
-        if not isinstance(self.dense_linears, bool):
-            raise TypeError(f"Config.dense_linears must be a bool, got {self.dense_linears!r}")
+        for name in ("dense_linears", "sm100_ragged_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.min_gemm_size, int) or self.min_gemm_size < 0:
             raise ValueError(f"Config.min_gemm_size must be an int >= 0, got {self.min_gemm_size!r}")
 

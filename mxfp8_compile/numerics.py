@@ -371,6 +371,22 @@ def pad_token_groups(
     return torch.where(valid[:, None], gathered, 0).to(x.dtype), padded_offs
 
 
+def unpad_token_groups(padded: torch.Tensor, offs: torch.Tensor, rows: int) -> torch.Tensor:
+    """The inverse of ``pad_token_groups``: the ``rows`` rows of each group, back from the row
+    offsets padding gave them. ``padded`` (Mp, N) laid out as ``pad_token_groups(x, offs,
+    32)`` lays out x; ``offs`` the groups' end offsets before padding. Rows past ``offs[-1]``
+    belong to no group and come back zero. Output (rows, N) of ``padded``'s dtype."""
+    check_offsets("offs", offs)
+    sizes, padded_starts, _ = _padded_groups(offs, BLOCK_SIZE)
+    row = torch.arange(rows, device=padded.device, dtype=torch.int32)
+    group, valid = group_of(row, offs)
+    if offs.shape[0] == 0 or padded.shape[0] == 0:
+        return padded.new_zeros(rows, *padded.shape[1:])
+    source = padded_starts[group] + row - (offs - sizes)[group]
+    gathered = padded[torch.where(valid, source, 0).long()]
+    return torch.where(valid.view(-1, *([1] * (padded.dim() - 1))), gathered, 0).to(padded.dtype)
+
+
 def to_mx_token_groups(
     x: torch.Tensor, offs: torch.Tensor, *, mode: str | ScaleMode = ScaleMode.RCEIL
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

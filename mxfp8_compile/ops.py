@@ -11,7 +11,9 @@ Contracts (``numerics`` states the layout conventions):
 =========================  ========================================================================
 quantize                   x (..., D, ...) bf16/fp16/fp32 along ``dim`` -> (qdata e4m3, scales u8)
 quantize_token_groups      x (M, K), offs (G,) -> (qdata (Mp, K), scales (Mp/32, K), padded offs)
-quantize_rows_and_token_groups  x (M, K), offs -> both of the above (sm100), x read once on CUDA
+quantize_token_groups_transposed  the same, written (K, Mp) and (K, Mp/32): the sm100 wgrad's layout
+quantize_rows_and_token_groups  x (M, K), offs -> quantize along K and quantize_token_groups_transposed
+                           (sm100), x read once on CUDA
 dequantize                 (qdata, scales, dim, dtype) -> dtype
 quantize_mxint8            x along ``dim`` -> (qdata int8, scales u8): MXINT8, the wire format of
 dequantize_mxint8          the all-to-all payloads no GEMM reads (reference kernels everywhere)
@@ -124,15 +126,42 @@ def _quantize_token_groups_fake(x: Tensor, offs: Tensor, mode: str = "rceil") ->
     )
 
 
+@torch.library.custom_op("mxfp8::quantize_token_groups_transposed", mutates_args=())
+def quantize_token_groups_transposed(
+    x: Tensor, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_token_groups`` written transposed, tokens contiguous: x (M, K) -> (qdata (K, Mp)
+    e4m3, scales (K, Mp/32) u8, padded offs (G,) int32), contiguous. Both operands of the sm100
+    wgrad in the layout torch's MX GEMM reads them: ``qdata`` of dy is A (N, Mp) row-major, the
+    transpose of x's is B (Mp, K) column-major. One Triton kernel on CUDA."""
+    qdata, scales, padded_offs = numerics.to_mx_token_groups(x, offs, mode=mode)
+    return qdata.t().contiguous(), scales.t().contiguous(), padded_offs
+
+
+@quantize_token_groups_transposed.register_kernel("cuda")
+def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_token_groups as kernel
+
+    return kernel(x, offs, mode, tokens_contiguous=True)
+
+
+@quantize_token_groups_transposed.register_fake
+def _quantize_token_groups_transposed_fake(
+    x: Tensor, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor]:
+    data, scales, padded_offs = _quantize_token_groups_fake(x, offs, mode)
+    return data.new_empty(data.shape[::-1]), scales.new_empty(scales.shape[::-1]), padded_offs
+
+
 @torch.library.custom_op("mxfp8::quantize_rows_and_token_groups", mutates_args=())
 def quantize_rows_and_token_groups(
     x: Tensor, offs: Tensor, mode: str = "rceil"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``quantize(x, -1)`` and ``quantize_token_groups(x, offs)`` together: x (M, K) -> (rows
-    (M, K), row scales (M, K/32), token groups (Mp, K), their scales (Mp/32, K), padded offs).
-    The MX operands of a grouped GEMM along K and of its wgrad along tokens (sm100); on CUDA one
-    Triton kernel that reads x once."""
-    return (*quantize(x, -1, mode), *quantize_token_groups(x, offs, mode))
+    """``quantize(x, -1)`` and ``quantize_token_groups_transposed(x, offs)`` together: x (M, K)
+    -> (rows (M, K), row scales (M, K/32), token groups (K, Mp), their scales (K, Mp/32), padded
+    offs). The MX operands of a grouped GEMM along K and of its wgrad along tokens (sm100); on
+    CUDA one Triton kernel that reads x once."""
+    return (*quantize(x, -1, mode), *quantize_token_groups_transposed(x, offs, mode))
 
 
 @quantize_rows_and_token_groups.register_kernel("cuda")
@@ -144,7 +173,7 @@ def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Ten
 
 @quantize_rows_and_token_groups.register_fake
 def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return (*_quantize_fake(x, -1, mode), *_quantize_token_groups_fake(x, offs, mode))
+    return (*_quantize_fake(x, -1, mode), *_quantize_token_groups_transposed_fake(x, offs, mode))
 
 
 @torch.library.custom_op("mxfp8::dequantize", mutates_args=())
@@ -640,9 +669,9 @@ def _require_mx_gemm_device(device: torch.device) -> None:
     capability = targets.device_capability(device)
     if not targets.has_mx_gemm(capability):
         raise RuntimeError(
-            f"the MX GEMMs of target 'sm100' need an SM100 GPU (B200, GB200, B300: compute "
-            f"capability 10.x), but {device} has capability {capability}; torch's MX kernels "
-            f"would kill the CUDA context there. Compile with Config(target='auto') to get "
+            f"the MX GEMMs of target 'sm100' need a GPU torch builds MX kernels for (B200, GB200, "
+            f"B300: compute capability 10.0, 10.3), but {device} has capability {capability}; "
+            f"torch's MX kernels would kill the CUDA context there. Compile with Config(target='auto') to get "
             f"'sm90' or 'emulated' on this device."
         )
 
@@ -652,37 +681,58 @@ def _e8m0(blocked: Tensor) -> Tensor:
     return (blocked if blocked.is_contiguous() else blocked.contiguous()).view(_E8M0)
 
 
+def _padded_rows(qa: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    """The e4m3 rows of a 2Dx3D A operand with each token group padded to 32 rows
+    (``numerics.pad_token_groups``), and the padded offsets."""
+    padded, padded_offs = numerics.pad_token_groups(qa.view(_U8), offs)
+    return padded.view(_E4M3), padded_offs
+
+
 @torch.library.custom_op("mxfp8::scaled_grouped_mm_blocked", mutates_args=())
 def scaled_grouped_mm_blocked(
-    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype,
+    ragged_groups: bool = False,
 ) -> Tensor:
-    """MX grouped GEMM with blocked scales (SM100's path): ``torch._scaled_grouped_mm`` on CUDA.
+    """MX grouped GEMM with blocked scales (SM100's path): ``torch._scaled_grouped_mm`` on CUDA,
+    whose MX kernel is MSLK's (formerly FBGEMM's) CUTLASS grouped GEMM in torch 2.11.
 
     2Dx3D (forward, dgrad): ``qa`` (M, K) e4m3; ``sa_blocked`` = ``to_blocked_m_groups(sa,
     offs)`` of A's scales (M, K/32), (padded_rows_bound(M, E, 128), round_up(K/32, 4)) u8;
     ``qb`` (E, K, N) e4m3; ``sb_blocked`` = ``to_blocked(sbt)`` of B's scales as (E, N, K/32),
     (E, round_up(N, 128), round_up(K/32, 4)) u8; ``offs`` (E,) int32 token end offsets of any
-    sizes, empty groups included (each group's scales start at a 128-row tile of their own, the
-    offsets torch's kernel (FBGEMM) computes, so no token padding is needed) -> (M, N).
+    sizes, empty groups included -> (M, N). Each group's scales start at a 128-row tile of their
+    own, the offsets MSLK computes. With ``ragged_groups`` the groups go to the kernel as they
+    are; without (the default, as every upstream MX 2d-3d run goes), A's rows are padded per
+    group to 32 (``numerics.pad_token_groups``, one copy of the fp8 rows), the GEMM runs on the
+    padded offsets and its rows are gathered back (``numerics.unpad_token_groups``). The blocked
+    scales are the same bytes either way: a group padded to 32 rows still starts its scales at
+    ``sum round_up(size, 128)`` rows, and its padding rows lie where the tile's unused rows were.
     2Dx2D (wgrad): ``qa`` (N, Mp), ``sa_blocked`` = ``to_blocked_k_groups(sa, offs)`` of its
     scales (N, Mp/32); ``qb`` (Mp, K), ``sb_blocked`` = ``to_blocked_k_groups(sbt, offs)`` of
-    its scales as (K, Mp/32); ``offs`` (G,) end offsets along Mp, multiples of 32 as
-    ``quantize_token_groups`` returns them (torch's kernel asserts multiples of 16 and reads
-    size/32 scale columns) -> (G, N, K), zero for an empty group.
+    its scales as (K, Mp/32); ``offs`` (G,) end offsets along Mp, multiples of 32 as the token
+    group casts return them (MSLK asserts multiples of 32 on the device) -> (G, N, K), zero for
+    an empty group; ``ragged_groups`` does not apply.
     The product is rounded to bf16 (torch's MX grouped GEMM has no other output), then cast to
-    ``out_dtype``. Rows past ``offs[-1]`` (2Dx3D) are not computed. On CUDA, A is passed
-    row-major and B column-major (copied if not), scales viewed as ``float8_e8m0fnu``; it
-    refuses to launch below SM100. Elsewhere it is emulated exactly: the layouts undone,
-    ``scaled_grouped_mm`` with a bf16 output.
+    ``out_dtype``. Rows past ``offs[-1]`` (2Dx3D) are not computed (zero when padded). On CUDA,
+    A is passed row-major and B column-major (copied if not: the sm100 casts write them so),
+    scales viewed as ``float8_e8m0fnu``; it refuses to launch below SM100. Elsewhere it is
+    emulated exactly: the layouts undone, the same padding, ``scaled_grouped_mm`` with a bf16
+    output.
     """
     _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, offs, out_dtype)
     sa, sb = _unblocked_scales(qa, sa_blocked, qb, sb_blocked, offs)
-    return scaled_grouped_mm(qa, sa, qb, sb, offs, torch.bfloat16).to(out_dtype)
+    if qb.dim() == 2 or ragged_groups:
+        return scaled_grouped_mm(qa, sa, qb, sb, offs, torch.bfloat16).to(out_dtype)
+    padded_qa, padded_offs = _padded_rows(qa, offs)
+    padded_sa, _ = numerics.pad_token_groups(sa, offs)
+    out = scaled_grouped_mm(padded_qa, padded_sa, qb, sb, padded_offs, torch.bfloat16)
+    return numerics.unpad_token_groups(out, offs, qa.shape[0]).to(out_dtype)
 
 
 @scaled_grouped_mm_blocked.register_fake
 def _(
-    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype,
+    ragged_groups: bool = False,
 ) -> Tensor:
     _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, offs, out_dtype)
     groups = () if qb.dim() == 3 else (offs.shape[0],)  # 2Dx3D: (M, N); 2Dx2D: (G, N, K)
@@ -691,20 +741,26 @@ def _(
 
 @scaled_grouped_mm_blocked.register_kernel("cuda")
 def _scaled_grouped_mm_blocked_cuda(
-    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype
+    qa: Tensor, sa_blocked: Tensor, qb: Tensor, sb_blocked: Tensor, offs: Tensor, out_dtype: torch.dtype,
+    ragged_groups: bool = False,
 ) -> Tensor:
     """The CUDA kernel of ``scaled_grouped_mm_blocked``: torch's MX grouped GEMM, SM100 only."""
     _check_blocked_gemm(qa, sa_blocked, qb, sb_blocked, offs, out_dtype)
     _require_mx_gemm_device(qa.device)
+    rows, gemm_offs = qa.shape[0], offs
+    if qb.dim() == 3 and not ragged_groups:
+        qa, gemm_offs = _padded_rows(qa, offs)
     qa, qb = _fp8_gemm_layouts(qa, qb)
     # torch takes the 3D B operand's scales as (E, blocked N * blocked K/32), one row per expert.
     scale_b = sb_blocked.reshape(qb.shape[0], -1) if qb.dim() == 3 else sb_blocked
     out = torch._scaled_grouped_mm(
-        qa, qb, _e8m0(sa_blocked), _e8m0(scale_b), offs=offs, out_dtype=torch.bfloat16
+        qa, qb, _e8m0(sa_blocked), _e8m0(scale_b), offs=gemm_offs, out_dtype=torch.bfloat16
     )
     if qb.dim() == 2:
-        # FBGEMM skips empty groups and torch allocates the output uninitialized: zero them.
+        # MSLK skips empty groups and torch allocates the output uninitialized: zero them.
         out = out.masked_fill((numerics.group_sizes(offs) == 0).view(-1, 1, 1), 0)
+    elif gemm_offs is not offs:
+        out = numerics.unpad_token_groups(out, offs, rows)
     return out.to(out_dtype)
 
 

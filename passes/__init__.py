@@ -22,7 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
-from mxfp8_compile.passes.find_gemms import find_gemms
+from mxfp8_compile.passes.find_gemms import apply_target_rules, find_gemms
 from mxfp8_compile.passes.hoist_quantize import apply_hoists, plan_hoists
 from mxfp8_compile.passes.quantize_payloads import quantize_other_payloads
 from mxfp8_compile.passes.rewrite_gemms import rewrite_gemms
@@ -54,14 +54,16 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     all-to-alls that deliver their rows (and, if the config says so, carry the other token
     all-to-alls in MXFP8); record and emit the report."""
     import mxfp8_compile.ops  # noqa: F401  (the rewrite inserts them)
-    from mxfp8_compile.lowering.targets import select_target
+    from mxfp8_compile.lowering.targets import choose_target
 
     training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
     capture = _report.capturing_graphs() or bool(os.environ.get("TORCH_TRACE"))
     before = graph.python_code("self").src if capture else None
     matches = find_gemms(graph, config)
     converted = [m for m in matches if m.decision]
-    target = select_target(config, converted[0].a.node.meta["val"].device) if converted else "none"
+    choice = choose_target(config, converted[0].a.node.meta["val"].device) if converted else None
+    target = choice.target if choice else "none"
+    matches = apply_target_rules(matches, target)
     hoists, matches = plan_hoists(matches, config, target)  # may keep wgrads in bf16
     moved = frozenset(s.node for h in hoists if h.decision for s in h.steps)
     rewrite_gemms(graph, matches, config, target, keep_apart=moved)
@@ -71,6 +73,7 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     rep = _report.PassReport(
         graph="training" if training else "inference",
         target=target,
+        target_why=choice.why if choice else "no GEMM to convert",
         config=repr(config),
         entries=[_report.Entry(m.site, m.decision) for m in matches],
         hoists=[_report.HoistEntry(h.site, h.decision) for h in hoists] + carried,

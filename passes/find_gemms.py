@@ -109,6 +109,20 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
     return matches
 
 
+def apply_target_rules(matches: list[GemmMatch], target: str) -> list[GemmMatch]:
+    """``matches`` with every converted GEMM that breaks a shape rule of ``target``'s kernels
+    (``targets.broken_rule``) kept in high precision, the rule named in its reason: torch would
+    raise at run time, on the GPU, what fake tensors let through at compile time."""
+    from mxfp8_compile.lowering.targets import broken_rule
+
+    def checked(m: GemmMatch) -> GemmMatch:
+        groups = m.offs.meta["val"].shape[0] if m.offs is not None else None
+        rule = broken_rule(target, m.b.shape, groups) if m.decision else None
+        return dataclasses.replace(m, decision=Skip(SkipReason.TARGET_RULE, rule)) if rule else m
+
+    return [checked(m) for m in matches]
+
+
 def _grouped(node: fx.Node, config: Config) -> GemmMatch:
     a, b = node.args[0], node.args[1]
     offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")

@@ -50,6 +50,7 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED_LAYOUT = "no MX path for this grouped GEMM layout"
     UNSUPPORTED_ARGS = "GEMM arguments the MX path does not take"
     TOO_SMALL = "weight has fewer elements than Config.min_gemm_size"
+    TARGET_RULE = "the target's FP8 GEMM kernels cannot take these shapes (torch checks them at run time)"
     A2A_WGRAD_DEQUANT = (
         "a2a_wgrad='dequant': its token rows cross an all-to-all as MXFP8 scaled along the hidden "
         "dim; the wgrad runs in bf16 on their dequantized values"
@@ -187,6 +188,7 @@ class PassReport:
     graph: str  # "training" or "inference"
     target: str
     config: str
+    target_why: str = ""  # why this target: the device, or what refused the faster ones
     entries: list[Entry] = dataclasses.field(default_factory=list)
     hoists: list[HoistEntry] = dataclasses.field(default_factory=list)
     # The graph as code before and after the passes; filled only while ``capture_graphs()``
@@ -222,7 +224,7 @@ class PassReport:
             moved = f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after) if e.converted else 'same'}"
             rows.append((s.label, s.role.value, s.layout.value, shapes, s.dtype, moved, s.fqn or "-", verdict))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target})"]
+        lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target}: {self.target_why})"]
         for row in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
         return "\n".join(lines + self._hoist_lines())
@@ -254,6 +256,7 @@ class PassReport:
         return {
             "graph": self.graph,
             "target": self.target,
+            "target_why": self.target_why,
             "config": self.config,
             "entries": [
                 {

@@ -37,13 +37,16 @@ and for 2Dx2D, with the rebase per (group, row) and tokens written contiguous by
 
 The sm100 target keeps the emulated target's MX operands and rearranges their scales into the
 blocked (128x4 tile) layout torch's MX GEMMs read: A's scales of a 2Dx3D GEMM per token group
-(ragged groups need no token padding: each group's scales start at a tile of their own, where
-torch's kernel looks for them), B's per expert, both 2Dx2D operands' per padded token group::
+(each group's scales start at a tile of their own, where torch's kernel looks for them; the GEMM
+op pads the groups' rows to 32 unless ``Config.sm100_ragged_groups``), B's per expert, both
+2Dx2D operands' per padded token group::
 
     y = mxfp8.scaled_grouped_mm_blocked(qa, mxfp8.to_blocked_m_groups(sa, offs), qbt^T,
-                                        mxfp8.to_blocked(sbt), offs, dtype)
-    dw = mxfp8.scaled_grouped_mm_blocked(qd^T, mxfp8.to_blocked_k_groups(sd^T, po), qx,
-                                         mxfp8.to_blocked_k_groups(sx^T, po), po, dtype)
+                                        mxfp8.to_blocked(sbt), offs, dtype, ragged_groups)
+    qdt, sdt, po = mxfp8.quantize_token_groups_transposed(dy, offs, mode)   # (N, Mp), (N, Mp/32)
+    qxt, sxt, _ = mxfp8.quantize_token_groups_transposed(x, offs, mode)     # (K, Mp), (K, Mp/32)
+    dw = mxfp8.scaled_grouped_mm_blocked(qdt, mxfp8.to_blocked_k_groups(sdt, po), qxt^T,
+                                         mxfp8.to_blocked_k_groups(sxt, po), po, dtype)
     y = mxfp8.scaled_mm_blocked(qa, mxfp8.to_blocked(sa), qbt^T, mxfp8.to_blocked(sbt), dtype)
 
 A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
@@ -52,7 +55,7 @@ On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad
 (the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``); on sm100 in one
 kernel that reads it once::
 
-    qa, sa, qx, sx, po = mxfp8.quantize_rows_and_token_groups(x, offs, mode)
+    qa, sa, qxt, sxt, po = mxfp8.quantize_rows_and_token_groups(x, offs, mode)
 """
 
 from __future__ import annotations
@@ -99,6 +102,16 @@ def _cast_key(node: fx.Node, transposed: bool, offs: fx.Node) -> _CastKey:
     return node, transposed, offs
 
 
+# The token-group cast of each target (op names: the ops register on first compile): sm90 and
+# sm100 write tokens contiguous, (K, Mp), the layout their wgrad GEMMs read; the emulated
+# reference keeps numerics' (Mp, K).
+_TOKEN_GROUP_CASTS = {
+    "emulated": "quantize_token_groups",
+    "sm90": "quantize_rebase_token_groups",
+    "sm100": "quantize_token_groups_transposed",
+}
+
+
 class _Casts:
     """The operand casts of one graph's GEMMs for ``target``: MX (emulated, sm100) or rebased
     (sm90), along K (``rows``) or along tokens per group (``token_groups``).
@@ -114,7 +127,7 @@ class _Casts:
     """
 
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node]) -> None:
-        self.rebased, self.mode = target == "sm90", mode
+        self.target, self.rebased, self.mode = target, target == "sm90", mode
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
         rows = {_cast_key(m.a.node, m.a.transposed, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D3D}
         tokens = {_cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
@@ -142,8 +155,7 @@ class _Casts:
         return n.multi(mxfp8.quantize.default, x, -1, self.mode)
 
     def _token_groups(self, n: _Nodes, x: fx.Node, offs: fx.Node) -> list[fx.Node]:
-        op = mxfp8.quantize_rebase_token_groups if self.rebased else mxfp8.quantize_token_groups
-        return n.multi(op.default, x, offs, self.mode)
+        return n.multi(getattr(mxfp8, _TOKEN_GROUP_CASTS[self.target]).default, x, offs, self.mode)
 
     def _shared(self, n: _Nodes, key: _CastKey) -> list[fx.Node]:
         if key not in self.outputs:
@@ -180,8 +192,9 @@ def _cast_operands(m: GemmMatch, n: _Nodes) -> tuple[fx.Node, ...]:
     """The operands as the target's casts return them (MX, or rebased on sm90).
 
     2Dx2D: ``(qa, sa, qb, sb, padded_offs)``, A's (M, N) token-major transpose and B (M, K) along
-    tokens per group (the rebased data written transposed: A (N, Mp), B^T (K, Mp)). 2Dx3D and
-    dense: ``(qa, sa, qbt, sbt, offs)``, A and B's transpose along K.
+    tokens per group: (Mp, N) and (Mp, K) for the emulated target; sm90 and sm100 cast them
+    written transposed, tokens contiguous: A (N, Mp), B^T (K, Mp), and their scales likewise.
+    2Dx3D and dense: ``(qa, sa, qbt, sbt, offs)``, A and B's transpose along K.
     """
     if m.site.layout is Layout.GROUPED_2D2D:
         qa, sa, padded_offs = n.casts.token_groups(n, m.a.node, not m.a.transposed, m.offs)
@@ -224,19 +237,22 @@ def _emit_sm100(m: GemmMatch, config: Config, n: _Nodes) -> fx.Node:
     torch's MX GEMMs read, then the blocked-scale GEMM."""
     qa, sa, qb, sb, offs = _cast_operands(m, n)
     if m.site.layout is Layout.GROUPED_2D2D:
-        # Both operands along tokens, padded per group; each group's scale columns blocked alone.
-        sa_blocked = n.call(mxfp8.to_blocked_k_groups.default, n.transposed(sa), offs)
-        sb_blocked = n.call(mxfp8.to_blocked_k_groups.default, n.transposed(sb), offs)
-        return n.call(mxfp8.scaled_grouped_mm_blocked.default, n.transposed(qa), sa_blocked, qb, sb_blocked, offs,
+        # Both operands along tokens, padded per group, written tokens contiguous: A (N, Mp) is
+        # row-major and B = qb^T (Mp, K) column-major as cast, so no copy precedes the GEMM;
+        # each group's scale columns blocked alone.
+        sa_blocked = n.call(mxfp8.to_blocked_k_groups.default, sa, offs)
+        sb_blocked = n.call(mxfp8.to_blocked_k_groups.default, sb, offs)
+        return n.call(mxfp8.scaled_grouped_mm_blocked.default, qa, sa_blocked, n.transposed(qb), sb_blocked, offs,
                       m.out_dtype)
     sb_blocked = n.call(mxfp8.to_blocked.default, sb)  # B^T's scales (.., N, K/32): per expert for 3D B
     if m.site.layout is Layout.DENSE:
         sa_blocked = n.call(mxfp8.to_blocked.default, sa)
         return n.call(mxfp8.scaled_mm_blocked.default, qa, sa_blocked, n.transposed(qb), sb_blocked, m.out_dtype)
-    # Token groups stay ragged: each group's A scales are blocked from a 128-row tile of its own.
+    # Each token group's A scales are blocked from a 128-row tile of its own; the GEMM pads the
+    # groups' rows to 32 unless Config.sm100_ragged_groups.
     sa_blocked = n.call(mxfp8.to_blocked_m_groups.default, sa, offs)
     return n.call(mxfp8.scaled_grouped_mm_blocked.default, qa, sa_blocked, n.transposed(qb), sb_blocked, offs,
-                  m.out_dtype)
+                  m.out_dtype, config.sm100_ragged_groups)
 
 
 _EMITTERS: dict[str, Callable[[GemmMatch, Config, _Nodes], fx.Node]] = {

@@ -122,6 +122,7 @@ def test_cast_ops_run_their_triton_kernels() -> None:
         (lambda: ops.quantize_rows_and_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize(x), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),
+        (lambda: ops.quantize_token_groups_transposed(x, offs), ["_mx_rows_and_token_groups_kernel"]),
     ):
         call()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -209,3 +210,31 @@ def test_max_autotune_keeps_every_expert_gemm_converted() -> None:
     print(f"max-autotune sm90 vs torch.compile bf16: output {sqnr(ref, out):.1f} dB, expert weight grads "
           f"{[round(sqnr(p.grad, q.grad), 1) for p, q in zip(reference.parameters(), model.parameters())]}")
     assert sqnr(ref, out) >= 23
+
+
+@pytest.mark.usefixtures("no_compile_caches")
+@pytest.mark.parametrize("width", [200, 264])
+def test_odd_expert_widths_run_and_name_the_rule(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Expert and shared-expert widths that are multiples of 8, not of 16: what torch's FP8 GEMMs
+    # refuse stays bf16 with the rule named, the rest converts, and a training step runs.
+    model, (x,) = build(MoEConfig(layers=1, dim=256, expert_hidden=width, shared_hidden=width), seq=256)
+    model, x = model.cuda(), x.cuda().requires_grad_()
+    out = torch.compile(model, backend="mxfp8")(x)
+    F.mse_loss(out.float(), torch.ones_like(out, dtype=torch.float32)).backward()
+    torch.cuda.synchronize()
+    report = mxfp8_compile.last_report()
+    kept = [str(d) for _, d in report.skipped() if d.reason.name == "TARGET_RULE"]
+    print(f"width {width}: {len(report.converted())} converted, {len(kept)} kept by the rule: {kept[0]}")
+    assert report.target == "sm90" and len(kept) == 8 and all(f"N={width}" in k for k in kept)
+    assert sum(s.fqn.endswith("experts") for s in report.converted()) == 2  # the gate and up wgrads
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    # Without the rule, torch refuses the GEMM at run time: the rule is what keeps this model running.
+    monkeypatch.setattr(targets, "broken_rule", lambda *args: None)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"divisible by 16"):
+        torch.compile(model, backend=mxfp8_compile.backend(Config(), inductor=False))(x)
+        torch.cuda.synchronize()
+
+
+def test_selftest_passes_on_this_gpu(capsys: pytest.CaptureFixture) -> None:
+    assert mxfp8_compile.selftest(), capsys.readouterr().out

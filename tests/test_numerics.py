@@ -205,3 +205,16 @@ def test_mxint8_along_another_dim_and_bad_input() -> None:
         from_mxint8(*to_mx(x))
     with pytest.raises(ValueError, match="not a multiple of the MX block size 32"):
         to_mxint8(torch.randn(4, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(0, 5))
+def test_unpad_token_groups_inverts_pad_token_groups(sizes: list[int], past: int) -> None:
+    # rows past the last group belong to no group: padding drops them, unpadding gives zeros
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    rows = sum(sizes) + past
+    x = torch.arange(1, rows * 3 + 1, dtype=torch.float32).view(rows, 3)
+    padded, padded_offs = numerics.pad_token_groups(x, offs)
+    assert torch.equal(padded_offs, numerics.padded_group_offsets(offs))
+    back = numerics.unpad_token_groups(padded, offs, rows)
+    assert torch.equal(back[: sum(sizes)], x[: sum(sizes)]) and not back[sum(sizes):].any()

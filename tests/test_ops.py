@@ -46,6 +46,7 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.quantize, (x,), {}),
         (ops.quantize, (w.float(),), {"dim": 1, "mode": "floor"}),
         (ops.quantize_token_groups, (x, offs), {"mode": "floor"}),
+        (ops.quantize_token_groups_transposed, (dy, offs), {}),
         (ops.dequantize, (q, s, -1, torch.float32), {}),
         (ops.quantize_mxint8, (w,), {"dim": 1}),
         (ops.dequantize_mxint8, (*ops.quantize_mxint8(x), -1, BF16), {}),

@@ -10,8 +10,10 @@ monkeypatched, as test_sm90.py does) with every expert GEMM on the blocked-scale
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
 import mxfp8_compile
-from mxfp8_compile import Config, ops
+from mxfp8_compile import Config, numerics, ops
 from mxfp8_compile.examples.moe import MoEConfig, build
 from mxfp8_compile.lowering import targets
 
@@ -59,9 +61,11 @@ def _mx_and_blocked_calls(moe: dict[str, torch.Tensor]) -> dict[str, tuple[tuple
         calls[role] = (mx, blocked)
     qd, sd, po = ops.quantize_token_groups(dy, offs)
     qx, sx, _ = ops.quantize_token_groups(x, offs)
+    qdt, sdt, _ = ops.quantize_token_groups_transposed(dy, offs)  # (N, Mp): A as the GEMM reads it
+    qxt, sxt, _ = ops.quantize_token_groups_transposed(x, offs)  # (K, Mp): B^T
     calls["wgrad"] = (
         (qd.t(), sd.t(), qx, sx, po),
-        (qd.t(), ops.to_blocked_k_groups(sd.t(), po), qx, ops.to_blocked_k_groups(sx.t(), po), po),
+        (qdt, ops.to_blocked_k_groups(sdt, po), qxt.t(), ops.to_blocked_k_groups(sxt, po), po),
     )
     qa, sa = ops.quantize(x)
     qbt, sbt = ops.quantize(w[2])
@@ -129,16 +133,51 @@ def test_cuda_kernels_pass_torch_meta_checks(
     _pretend(monkeypatch, SM100)
     _, (qa, sa, qb, sb, *offs) = _mx_and_blocked_calls(moe)[role]
     kernel = ops._scaled_mm_blocked_cuda if role == "dense" else ops._scaled_grouped_mm_blocked_cuda
-    # The kernel lays A out row-major and B column-major, copying (the 2Dx2D operands) where
-    # needed. A CPU-only torch cannot copy fake CUDA tensors (``.contiguous()`` needs a CUDA
-    # device guard), so the same layout function runs here on the real tensors first.
-    qa, qb = ops._fp8_gemm_layouts(qa, qb)
+    # torch's MX GEMMs take A row-major and B column-major; the casts write them so (the wgrad's
+    # both tokens contiguous), and the kernel would copy anything else. The operands are passed
+    # as they are: a CPU-only torch cannot copy fake CUDA tensors, so a copy would fail here too.
+    assert qa.stride(-1) == 1 and qb.stride(-2) == 1, (qa.stride(), qb.stride())
+    # Ragged token groups here: padding them runs index ops a CPU-only torch cannot run on fake
+    # CUDA tensors (the padded call is the next test's).
+    ragged = () if role == "dense" else (True,)
     with FakeTensorMode():
         args = [_fake_cuda(t) for t in (qa, sa, qb, sb, *offs)]
         for out_dtype in (BF16, torch.float32):
-            out = kernel(*args, out_dtype)
+            out = kernel(*args, out_dtype, *ragged)
             expected = (E, N, K) if role == "wgrad" else (qa.shape[0], qb.shape[-1])
             assert out.device.type == "cuda" and out.dtype == out_dtype and out.shape == expected
+
+
+@pytest.mark.parametrize("role", ["forward", "dgrad"])
+def test_padded_token_groups_pass_torch_meta_checks(moe: dict[str, torch.Tensor], role: str) -> None:
+    # What the kernel hands torch for 2Dx3D unless Config.sm100_ragged_groups: A's rows padded
+    # per group to 32, the padded offsets, and the blocked scales as they are. torch's C++ also
+    # requires as many A scale rows as A rows (its meta function does not check it).
+    _, (qa, sa, qb, sb, offs) = _mx_and_blocked_calls(moe)[role]
+    padded_qa, padded_offs = ops._padded_rows(qa, offs)
+    assert padded_qa.shape == (numerics.padded_rows_bound(M, E, 32), qa.shape[1]) and sa.shape[0] >= padded_qa.shape[0]
+    e8m0 = torch.float8_e8m0fnu
+    with FakeTensorMode():
+        qa, sa, qb, sb, offs = (_fake_cuda(t) for t in (padded_qa, sa, qb, sb, padded_offs))
+        out = torch._scaled_grouped_mm(qa, qb, sa.view(e8m0), sb.reshape(E, -1).view(e8m0), offs=offs, out_dtype=BF16)
+    assert out.shape == (padded_qa.shape[0], qb.shape[-1])
+
+
+def test_padded_groups_have_the_blocked_scales_of_ragged_ones(moe: dict[str, torch.Tensor]) -> None:
+    # The padded mode passes the scales blocked for the ragged groups: they must be the bytes
+    # that blocking the padded rows' scales on the padded offsets gives (beyond, only zeros).
+    _, sa = ops.quantize(moe["x"])
+    padded_sa, padded_offs = numerics.pad_token_groups(sa, moe["offs"])
+    ragged = numerics.to_blocked_m_groups(sa, moe["offs"])
+    padded = numerics.to_blocked_m_groups(padded_sa, padded_offs)
+    assert torch.equal(padded[: ragged.shape[0]], ragged) and not padded[ragged.shape[0]:].any()
+
+
+@pytest.mark.parametrize("role", ["forward", "dgrad"])
+def test_padded_and_ragged_groups_give_the_same_bits(moe: dict[str, torch.Tensor], role: str) -> None:
+    _, args = _mx_and_blocked_calls(moe)[role]
+    padded, ragged = (ops.scaled_grouped_mm_blocked(*args, BF16, r) for r in (False, True))
+    assert torch.equal(padded.view(torch.int16), ragged.view(torch.int16))
 
 
 def test_torch_meta_rejects_what_the_kernel_must_not_pass(moe: dict[str, torch.Tensor]) -> None:
@@ -156,15 +195,15 @@ def test_torch_meta_rejects_what_the_kernel_must_not_pass(moe: dict[str, torch.T
             torch._scaled_grouped_mm(qa, qb, scale_a, scale_b.narrow(1, 0, 500), offs=offs, out_dtype=BF16)
 
 
-@pytest.mark.parametrize("capability", [(9, 0), (12, 0), None])
+@pytest.mark.parametrize("capability", [(9, 0), (10, 1), (12, 0), None])
 def test_cuda_kernel_refuses_below_sm100(
     moe: dict[str, torch.Tensor], capability: tuple[int, int] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _pretend(monkeypatch, capability)
     _, (qa, sa, qb, sb, offs) = _mx_and_blocked_calls(moe)["forward"]
     message = (
-        r"the MX GEMMs of target 'sm100' need an SM100 GPU \(B200, GB200, B300: compute capability "
-        rf"10.x\), but cuda:0 has capability {re.escape(str(capability))}; torch's MX kernels would kill"
+        r"the MX GEMMs of target 'sm100' need a GPU torch builds MX kernels for \(B200, GB200, B300: compute "
+        rf"capability 10.0, 10.3\), but cuda:0 has capability {re.escape(str(capability))}; torch's MX kernels would kill"
     )
     with pytest.raises(RuntimeError, match=message):
         ops._require_mx_gemm_device(torch.device("cuda", 0))
@@ -178,7 +217,7 @@ def test_blocked_gemm_refuses_to_launch_on_a_gpu_below_sm100(moe: dict[str, torc
     if targets.has_mx_gemm(targets.device_capability(device)):
         pytest.skip("an SM100 GPU: the MX kernel would launch")
     _, args = _mx_and_blocked_calls(moe)["forward"]
-    with pytest.raises(RuntimeError, match=r"the MX GEMMs of target 'sm100' need an SM100 GPU"):
+    with pytest.raises(RuntimeError, match=r"the MX GEMMs of target 'sm100' need a GPU torch builds MX kernels for"):
         ops.scaled_grouped_mm_blocked(*(t.to(device) for t in args), BF16)
     torch.cuda.synchronize()  # the CUDA context is alive: nothing was launched
 
@@ -188,22 +227,50 @@ def test_blocked_gemm_refuses_to_launch_on_a_gpu_below_sm100(moe: dict[str, torc
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "capability,expected", [((10, 0), "sm100"), ((10, 3), "sm100"), ((9, 0), "sm90"), ((12, 0), "emulated")]
-)
-def test_auto_picks_sm100_on_capability_10(
-    capability: tuple[int, int], expected: str, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def selftest_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MXFP8_COMPILE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.usefixtures("selftest_records")
+@pytest.mark.parametrize("capability,expected,why", [
+    ((10, 0), "sm100", r"auto: cuda:0 has capability \(10, 0\)"),
+    ((10, 3), "emulated", r"not sm100: capability \(10, 3\): torch 2.11 has MX kernels for it, unproven until "
+                          r"`python -m mxfp8_compile --selftest` passes on this GPU \(not run for padded token groups\)"),
+    ((10, 1), "emulated", r"not sm100: capability \(10, 1\): torch's MX GEMMs run on 10.0 and 10.3 only"),
+    ((9, 0), "sm90", r"auto: cuda:0 has capability \(9, 0\)"),
+    ((12, 0), "emulated", r"not sm90: capability \(12, 0\): torch's rowwise FP8 grouped GEMM is SM90 code"),
+])
+def test_auto_picks_sm100_where_torch_has_proven_mx_kernels(
+    capability: tuple[int, int], expected: str, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _pretend(monkeypatch, capability)
-    assert targets.select_target(Config(), torch.device("cuda", 0)) == expected
+    choice = targets.choose_target(Config(), torch.device("cuda", 0))
+    assert choice.target == expected and re.search(why, choice.why), choice
+
+
+def test_an_unproven_capability_takes_sm100_once_the_selftest_passed_its_mode(
+    selftest_records: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pretend(monkeypatch, (10, 3))
+    cuda, ragged = torch.device("cuda", 0), Config(sm100_ragged_groups=True)
+    path = targets.write_selftest_record((10, 3), {"padded": True, "ragged": False})
+    assert path.parent == selftest_records
+    assert targets.select_target(Config(), cuda) == "sm100"
+    assert "(it failed for ragged token groups); not sm90" in targets.choose_target(ragged, cuda).why
+    with pytest.raises(ValueError, match=r"\(capability \(10, 3\)\): capability \(10, 3\): torch 2.11 has MX kernels"):
+        targets.select_target(dataclasses.replace(ragged, target="sm100"), cuda)
 
 
 def test_forcing_sm100_below_sm100_names_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    needs = r"Config\(target='sm100'\) needs an SM100 GPU \(B200, GB200, B300: compute capability 10.x\)"
-    with pytest.raises(ValueError, match=needs + r"; this graph's GEMMs run on cpu. Use target='auto' or 'emulated'"):
+    needs = (r"Config\(target='sm100'\) needs an SM100 GPU \(B200, GB200: compute capability 10.0; B300, 10.3, "
+             r"after the self-check\)")
+    with pytest.raises(ValueError, match=needs + r"; this graph's GEMMs run on cpu: no CUDA device. Use target='auto'"):
         targets.select_target(Config(target="sm100"), torch.device("cpu"))
     _pretend(monkeypatch, (9, 0))
-    with pytest.raises(ValueError, match=needs + r"; this graph's GEMMs run on cuda:0 \(capability \(9, 0\)\)"):
+    with pytest.raises(ValueError, match=needs + r"; this graph's GEMMs run on cuda:0 \(capability \(9, 0\)\): "
+                                              r"capability \(9, 0\): torch's MX GEMMs run on 10.0 and 10.3 only"):
         targets.select_target(Config(target="sm100"), torch.device("cuda", 0))
 
 
@@ -236,6 +303,11 @@ def test_sm100_rewrite_of_the_moe_model(monkeypatch: pytest.MonkeyPatch) -> None
     # x (gate and up projections), h and the three dy: each cast along K and along tokens at once
     assert nodes.count("mxfp8.quantize_rows_and_token_groups.default") == 5
     assert nodes.count("mxfp8.quantize_token_groups.default") == 0
+    # every MX GEMM gets its operands in the layouts torch requires, as cast: no fp8 copy first
+    for kind in ("forward", "backward"):
+        for node in graphs[kind].graph.find_nodes(op="call_function", target=torch.ops.mxfp8.scaled_grouped_mm_blocked.default):
+            qa, qb = (arg.meta["val"] for arg in (node.args[0], node.args[2]))
+            assert qa.stride(-1) == 1 and qb.stride(-2) == 1, (node.name, qa.stride(), qb.stride())
 
     emulated_out, emulated_grads = _train(model, x, mxfp8_compile.backend(Config(target="emulated"), inductor=False))
     assert torch.equal(out, emulated_out)

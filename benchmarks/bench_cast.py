@@ -76,8 +76,8 @@ def main() -> None:
             tokens_bytes = m * k * 2 + padded_rows_bound(m, 8, 32) * k * 33 // 32
             for layout, contiguous in (("(Mp, K)", False), ("tokens contiguous (K, Mp)", True)):
                 kernels[f"MX token groups {layout}, {routing}"] = (
-                    lambda offs=offs, contiguous=contiguous: triton_quantize.quantize_token_groups(
-                        nxt(), offs, tokens_contiguous=contiguous), tokens_bytes, [])
+                    lambda tile=None, offs=offs, contiguous=contiguous: triton_quantize.quantize_token_groups(
+                        nxt(), offs, tile=tile, tokens_contiguous=contiguous), tokens_bytes, MX_BOTH_TILES)
             # what the sm100 wgrad ran before its cast wrote tokens contiguous: the (Mp, K) cast,
             # then the fp8 copy into the layout torch's MX GEMM reads (bytes counted as the cast's)
             kernels[f"MX token groups (Mp, K), then the fp8 transpose copy, {routing}"] = (

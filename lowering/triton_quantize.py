@@ -486,18 +486,16 @@ def quantize_rebase_token_groups(
 def _mx_rows_and_token_groups_kernel(
     x_ptr, offs_ptr,  # x (M, K) any strides; offs (G,) int32
     rows_ptr, row_scale_ptr,  # (M, K) e4m3 bytes, (M, K/32) u8, both contiguous
-    cols_ptr, col_scale_ptr, padded_offs_ptr,  # (Mp, K) e4m3 bytes, (Mp/32, K) u8 at the strides below; (G,)
+    cols_ptr, col_scale_ptr, padded_offs_ptr,  # (Mp, K) e4m3 bytes, (Mp/32, K) u8, or both transposed; (G,)
     M, K, Mp, G,
     stride_xm, stride_xk,
-    stride_cm, stride_ck,  # of the token-group data and of its scales, along tokens and along K:
-    stride_sm, stride_sk,  # (K, 1) row-major, or (1, Mp) and (1, Mp/32) tokens contiguous
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
-    WRITE_ROWS: tl.constexpr, WRITE_COLUMNS: tl.constexpr,
+    WRITE_ROWS: tl.constexpr, WRITE_COLUMNS: tl.constexpr, TOKENS_CONTIGUOUS: tl.constexpr,
 ):
     """Program (s, k): work item s, a 32-row chunk, columns [k*BLOCK_K, +BLOCK_K). Entries
     g < G are the groups, 32 padded rows a chunk: each 32-row block of a column quantized with
-    its own scale (the token-group cast, padding rows zero, written at the given strides; if
-    WRITE_COLUMNS), and each row's
+    its own scale (the token-group cast, padding rows zero, written (Mp, K) or, if
+    TOKENS_CONTIGUOUS, transposed; if WRITE_COLUMNS), and each row's
     32-column blocks (the row cast, if WRITE_ROWS) of the rows that are x's. Entry G is the
     padding after the last group (zero data, scale byte 0), entry G + 1 the rows past the last
     group (row cast only). One read of x for both casts."""
@@ -526,11 +524,17 @@ def _mx_rows_and_token_groups_kernel(
                 amax, has_nan = _abs_max(x, 0)
                 scale = _e8m0(amax, has_nan, RCEIL)  # (BLOCK_K,)
                 padded = _of_group(padded_starts, group, BLOCK_G) + chunk * 32
-                tl.store(cols_ptr + (padded + tl.arange(0, 32)).to(tl.int64)[:, None] * stride_cm
-                         + cols.to(tl.int64)[None, :] * stride_ck,
-                         _quantize_shifted(x, scale[None, :], scale[None, :], HW_CAST), mask=col_mask[None, :])
-                tl.store(col_scale_ptr + (padded // 32).to(tl.int64) * stride_sm + cols.to(tl.int64) * stride_sk,
-                         scale.to(tl.uint8), mask=col_mask)
+                q = _quantize_shifted(x, scale[None, :], scale[None, :], HW_CAST)
+                tokens = (padded + tl.arange(0, 32)).to(tl.int64)
+                if TOKENS_CONTIGUOUS:  # the tile transposed, so each column's 32 tokens are one store
+                    tl.store(cols_ptr + cols.to(tl.int64)[:, None] * Mp + tokens[None, :], tl.trans(q),
+                             mask=col_mask[:, None])
+                    tl.store(col_scale_ptr + cols.to(tl.int64) * (Mp // 32) + padded // 32, scale.to(tl.uint8),
+                             mask=col_mask)
+                else:
+                    tl.store(cols_ptr + tokens[:, None] * K + cols[None, :], q, mask=col_mask[None, :])
+                    tl.store(col_scale_ptr + (padded // 32).to(tl.int64) * K + cols, scale.to(tl.uint8),
+                             mask=col_mask)
         if WRITE_ROWS:
             if group != G:  # along the rows: the rows of x in this chunk
                 NUM_BLOCKS: tl.constexpr = BLOCK_K // 32
@@ -571,10 +575,6 @@ def _mx_casts(
         "col_scales": torch.empty(col_scales_shape, dtype=torch.uint8, device=x.device),
         "padded_offs": torch.empty(groups, dtype=torch.int32, device=x.device),
     }
-    # the kernel addresses the token groups as (Mp, K) and (Mp/32, K): their strides in that order
-    cols, col_scales = out["cols"], out["col_scales"]
-    if tokens_contiguous:
-        cols, col_scales = cols.t(), col_scales.t()
     parts = (["rows", "row_scales"] if rows else []) + (["cols", "col_scales", "padded_offs"] if columns else [])
     if k == 0 or m == 0:
         out["padded_offs"].copy_(numerics.padded_group_offsets(offs))
@@ -586,8 +586,9 @@ def _mx_casts(
     _mx_rows_and_token_groups_kernel[(chunks, triton.cdiv(k, block_k))](
         x, offs, out["rows"].view(torch.uint8), out["row_scales"], out["cols"].view(torch.uint8),
         out["col_scales"], out["padded_offs"], m, k, mp, groups, x.stride(0), x.stride(1),
-        *cols.stride(), *col_scales.stride(), BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
-        HW_CAST=not _INTERPRETED, WRITE_ROWS=rows, WRITE_COLUMNS=columns, num_warps=num_warps,
+        BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
+        HW_CAST=not _INTERPRETED, WRITE_ROWS=rows, WRITE_COLUMNS=columns, TOKENS_CONTIGUOUS=tokens_contiguous,
+        num_warps=num_warps,
     )
     return tuple(out[p] for p in parts)
 

@@ -567,7 +567,9 @@ def _mx_casts(
         check_block_dim("x", x, -1)
     (m, k), groups = x.shape, offs.shape[0]
     mp = padded_rows_bound(m, groups, BLOCK_SIZE) if columns else 0
-    cols_shape, col_scales_shape = ((k, mp), (k, mp // BLOCK_SIZE)) if tokens_contiguous else ((mp, k), (mp // BLOCK_SIZE, k))
+    cols_shape, col_scales_shape = (mp, k), (mp // BLOCK_SIZE, k)
+    if tokens_contiguous:
+        cols_shape, col_scales_shape = cols_shape[::-1], col_scales_shape[::-1]
     out = {
         "rows": torch.empty(m if rows else 0, k, dtype=torch.float8_e4m3fn, device=x.device),
         "row_scales": torch.empty(m if rows else 0, k // BLOCK_SIZE, dtype=torch.uint8, device=x.device),

@@ -51,11 +51,14 @@ def _corrupt(monkeypatch: pytest.MonkeyPatch, target: str, when: object = lambda
     monkeypatch.setitem(rewrite_gemms._EMITTERS, target, wrong)
 
 
-def test_a_wrong_gemm_fails_its_cases_and_the_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_a_wrong_gemm_fails_its_cases_and_the_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     _corrupt(monkeypatch, "sm90")
     passed, lines = _run("sm90")
     assert not passed and lines[-1].startswith("self-check FAILED (12 failed): 2 of 14 cases")
-    assert "FAIL  sm90 rceil grouped (groups [0, 1, 31, 33, 130, 0]) forward: SQNR 6.0 dB against emulated (bar 35)" in lines
+    assert ("FAIL  sm90 rceil grouped (groups [0, 1, 31, 33, 130, 0]) forward: "
+            "SQNR 6.0 dB against emulated (bar 35)") in lines
     assert main(["--selftest", "sm90"]) == 1
     assert "self-check FAILED" in capsys.readouterr().out
 

@@ -305,7 +305,8 @@ def test_sm100_rewrite_of_the_moe_model(monkeypatch: pytest.MonkeyPatch) -> None
     assert nodes.count("mxfp8.quantize_token_groups.default") == 0
     # every MX GEMM gets its operands in the layouts torch requires, as cast: no fp8 copy first
     for kind in ("forward", "backward"):
-        for node in graphs[kind].graph.find_nodes(op="call_function", target=torch.ops.mxfp8.scaled_grouped_mm_blocked.default):
+        gemm = torch.ops.mxfp8.scaled_grouped_mm_blocked.default
+        for node in graphs[kind].graph.find_nodes(op="call_function", target=gemm):
             qa, qb = (arg.meta["val"] for arg in (node.args[0], node.args[2]))
             assert qa.stride(-1) == 1 and qb.stride(-2) == 1, (node.name, qa.stride(), qb.stride())
 

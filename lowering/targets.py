@@ -56,7 +56,6 @@ _SELFTEST = "python -m mxfp8_compile --selftest"
 # columns. The SM90 grouped kernel refuses 1024 groups or more; MSLK's launches a block of one
 # thread per group, at most 1024.
 OUTPUT_COLUMNS_MULTIPLE = 16
-_SELF_CHECKING = contextvars.ContextVar("mxfp8_self_check", default=False)
 MAX_GROUPS = {"sm90": 1023, "sm100": 1024}
 
 
@@ -115,11 +114,11 @@ def choose_target(config: Config, device: torch.device | None) -> TargetChoice:
     """
     capability = device_capability(device)
     if config.target == "auto":
-        refusals = {t: _refusal(t, capability, config) for t in ("sm100", "sm90")}
         if capability is None:
             return TargetChoice("emulated", "auto: no CUDA device")
         if not hasattr(torch, "_scaled_grouped_mm"):
             return TargetChoice("emulated", f"auto: torch {torch.__version__} has no _scaled_grouped_mm")
+        refusals = {t: _refusal(t, capability, config) for t in ("sm100", "sm90")}
         for target, refused in refusals.items():
             if refused is None:
                 return TargetChoice(target, f"auto: {device} has capability {capability}")
@@ -159,6 +158,9 @@ def broken_rule(target: str, b_shape: tuple[int | torch.SymInt, ...], groups: in
 # --------------------------------------------------------------------------------------------
 # The self-check's record: which modes passed on an unproven capability.
 # --------------------------------------------------------------------------------------------
+
+
+_SELF_CHECKING = contextvars.ContextVar("mxfp8_self_check", default=False)
 
 
 @contextlib.contextmanager

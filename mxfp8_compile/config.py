@@ -15,6 +15,7 @@ GEMM_ROLES = ("forward", "dgrad", "wgrad")
 A2A_WGRAD_POLICIES = ("dequant", "requant", "bf16_a2a")
 A2A_PAYLOADS = ("gemm_inputs", "all")
 A2A_WIRE_FORMATS = ("mxint8", "mxfp8")
+KEEP_BF16_ROLES = ("router", "lm_head")
 OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -29,8 +30,12 @@ class Config:
     dense_linears: convert dense ``mm``/``addmm`` (attention and shared-expert linears) too.
     include_fqns: if not empty, only GEMMs whose module FQN contains one of these substrings.
     exclude_fqns: GEMMs whose module FQN contains one of these substrings stay in bf16.
-    keep_bf16_modules: FQN components (``a.b.gate`` has ``gate``) whose GEMMs stay in bf16: by
-        default the router gate and the lm_head, as torchtitan's MXFP8 recipes keep them.
+    keep_bf16_roles: modules whose GEMMs stay in bf16 for the part they play, read from the
+        graph (``passes/module_roles.py``): ``"router"`` (its output picks experts: it reaches a
+        top-k) and ``"lm_head"`` (named ``lm_head`` or ``output``, with only the loss after it).
+        Both by default, as torchtitan's and torchao's MXFP8 recipes keep them.
+    keep_bf16_modules: FQN components (``a.b.gate`` has ``gate``) whose GEMMs stay in bf16,
+        whatever they do.
     min_gemm_size: GEMMs whose weight has fewer elements (K * N) stay in bf16.
     operand_dtypes: operand dtypes that may be quantized; others stay as they are.
     fast_accum: on sm90, the GEMM roles (as in ``gemms``) whose FP8 GEMMs accumulate in Hopper's
@@ -69,7 +74,8 @@ class Config:
     dense_linears: bool = True
     include_fqns: tuple[str, ...] = ()
     exclude_fqns: tuple[str, ...] = ()
-    keep_bf16_modules: tuple[str, ...] = ("gate", "router", "lm_head", "output")
+    keep_bf16_roles: tuple[str, ...] = KEEP_BF16_ROLES
+    keep_bf16_modules: tuple[str, ...] = ()
     min_gemm_size: int = 0
     operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
     fast_accum: tuple[str, ...] | bool = GEMM_ROLES
@@ -86,17 +92,21 @@ class Config:
         _check_choice("a2a_wire_format", self.a2a_wire_format, A2A_WIRE_FORMATS)
         if isinstance(self.fast_accum, bool):
             object.__setattr__(self, "fast_accum", GEMM_ROLES if self.fast_accum else ())
-        for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_modules", "operand_dtypes", "fast_accum"):
+        for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_roles", "keep_bf16_modules",
+                     "operand_dtypes", "fast_accum"):
             object.__setattr__(self, name, _as_str_tuple(name, getattr(self, name)))
         for name in ("gemms", "fast_accum"):
             for role in getattr(self, name):
                 _check_choice(name, role, GEMM_ROLES)
+        for keep in self.keep_bf16_roles:
+            _check_choice("keep_bf16_roles", keep, KEEP_BF16_ROLES)
         for dtype in self.operand_dtypes:
             _check_choice("operand_dtypes", dtype, tuple(OPERAND_DTYPES))
         for name in ("dense_linears", "sm100_ragged_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.min_gemm_size, int) or self.min_gemm_size < 0:
+        # bool is an int subclass: min_gemm_size=True would quietly mean 1
+        if isinstance(self.min_gemm_size, bool) or not isinstance(self.min_gemm_size, int) or self.min_gemm_size < 0:
             raise ValueError(f"Config.min_gemm_size must be an int >= 0, got {self.min_gemm_size!r}")
 
     def allows_dtype(self, dtype: torch.dtype) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -29,6 +30,7 @@ import torch.fx as fx
 from mxfp8_compile.config import Config
 from mxfp8_compile.numerics import BLOCK_SIZE
 from mxfp8_compile.passes._graph import is_backward, known_multiple, module_fqn, view_source
+from mxfp8_compile.passes.module_roles import module_roles
 from mxfp8_compile.passes.report import Convert, Decision, GemmSite, Layout, Role, Skip, SkipReason
 
 aten = torch.ops.aten
@@ -77,34 +79,32 @@ def _hf_ops() -> tuple[object | None, object | None]:
 def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
     """All GEMMs of ``graph`` in graph order, each with its decision."""
     hf_fwd, hf_bwd = _hf_ops()
-    weight_sources = {
-        view_source(_dense_operands(n)[1])
-        for n in graph.nodes
-        if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default) and not is_backward(n)
-    }
+    dense = (aten.mm.default, aten.addmm.default)
+    gemms = [n for n in graph.nodes if n.op == "call_function"
+             and (n.target in dense or n.target in (aten._grouped_mm.default, hf_fwd, hf_bwd))]
+    weight_sources = {view_source(_dense_operands(n)[1]) for n in gemms if n.target in dense and not is_backward(n)}
+    roles = module_roles([n for n in gemms if not is_backward(n)], set(gemms), config.keep_bf16_roles)
     matches: list[GemmMatch] = []
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
+    for node in gemms:
         if node.target == aten._grouped_mm.default:
-            matches.append(_grouped(node, config))
-        elif node.target in (aten.mm.default, aten.addmm.default):
-            matches.append(_dense(node, config, weight_sources))
-        elif hf_fwd is not None and node.target == hf_fwd:
+            matches.append(_grouped(node, config, roles))
+        elif node.target in dense:
+            matches.append(_dense(node, config, roles, weight_sources))
+        elif node.target == hf_fwd:
             input_, weight, offs = node.args[:3]
             matches.append(
-                _match(node, config, Role.FORWARD, Layout.GROUPED_2D3D, Operand(input_), Operand(weight), offs)
+                _match(node, config, roles, Role.FORWARD, Layout.GROUPED_2D3D, Operand(input_), Operand(weight), offs)
             )
-        elif hf_bwd is not None and node.target == hf_bwd:
+        else:
             input_, weight, offs, grad = node.args[:4]
             # An output nobody reads (a frozen weight, an input without grad) has no getitem
             # left in the graph, and no GEMM to convert.
             used = {u.args[1] for u in node.users if u.target is operator.getitem}
             if 0 in used:
-                matches.append(_match(node, config, Role.DGRAD, Layout.GROUPED_2D3D, Operand(grad),
+                matches.append(_match(node, config, roles, Role.DGRAD, Layout.GROUPED_2D3D, Operand(grad),
                                       Operand(weight, True), offs, output=0))
             if 1 in used:
-                matches.append(_match(node, config, Role.WGRAD, Layout.GROUPED_2D2D, Operand(input_, True),
+                matches.append(_match(node, config, roles, Role.WGRAD, Layout.GROUPED_2D2D, Operand(input_, True),
                                       Operand(grad), offs, output=1))
     return matches
 
@@ -123,7 +123,7 @@ def apply_target_rules(matches: list[GemmMatch], target: str) -> list[GemmMatch]
     return [checked(m) for m in matches]
 
 
-def _grouped(node: fx.Node, config: Config) -> GemmMatch:
+def _grouped(node: fx.Node, config: Config, roles: Mapping[str, str]) -> GemmMatch:
     a, b = node.args[0], node.args[1]
     offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
     bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
@@ -142,7 +142,7 @@ def _grouped(node: fx.Node, config: Config) -> GemmMatch:
     extra = None
     if bias is not None:
         extra = Skip(SkipReason.UNSUPPORTED_ARGS, "grouped_mm with a bias")
-    return _match(node, config, role, layout, Operand(a), Operand(b), offs, out_dtype=out_dtype, extra=extra)
+    return _match(node, config, roles, role, layout, Operand(a), Operand(b), offs, out_dtype=out_dtype, extra=extra)
 
 
 def _dense_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
@@ -154,7 +154,7 @@ def _dense_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     return a, b, None
 
 
-def _dense(node: fx.Node, config: Config, weight_sources: set[object]) -> GemmMatch:
+def _dense(node: fx.Node, config: Config, roles: Mapping[str, str], weight_sources: set[object]) -> GemmMatch:
     a, b, bias = _dense_operands(node)
     extra = None
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
@@ -166,12 +166,13 @@ def _dense(node: fx.Node, config: Config, weight_sources: set[object]) -> GemmMa
         role = Role.DGRAD
     else:
         role = Role.WGRAD
-    return _match(node, config, role, Layout.DENSE, Operand(a), Operand(b), None, bias=bias, extra=extra)
+    return _match(node, config, roles, role, Layout.DENSE, Operand(a), Operand(b), None, bias=bias, extra=extra)
 
 
 def _match(
     node: fx.Node,
     config: Config,
+    roles: Mapping[str, str],
     role: Role,
     layout: Layout,
     a: Operand,
@@ -197,7 +198,7 @@ def _match(
         output=output,
         **_operand_bytes(a, b, layout, offs),
     )
-    decision = extra or _decide(config, role, layout, fqn, a, b, offs)
+    decision = extra or _decide(config, role, layout, fqn, roles.get(fqn or node.name), a, b, offs)
     return GemmMatch(site, decision, node, a, b, offs, bias, out_dtype or a.dtype, output)
 
 
@@ -217,9 +218,17 @@ def _operand_bytes(a: Operand, b: Operand, layout: Layout, offs: fx.Node | None)
 
 
 def _decide(
-    config: Config, role: Role, layout: Layout, fqn: str, a: Operand, b: Operand, offs: fx.Node | None
+    config: Config,
+    role: Role,
+    layout: Layout,
+    fqn: str,
+    module_role: str | None,
+    a: Operand,
+    b: Operand,
+    offs: fx.Node | None,
 ) -> Decision:
-    """Convert, or the first reason not to; checks run from the structural to the tunable."""
+    """Convert, or the first reason not to; checks run from the structural to the tunable.
+    ``module_role`` is the evidence that the GEMM's module is a router or an output head."""
     if layout in (Layout.GROUPED_3D3D, Layout.GROUPED_3D2D):
         return Skip(SkipReason.UNSUPPORTED_LAYOUT, f"{layout.value} grouped_mm (batched)")
     if layout is not Layout.DENSE:
@@ -231,9 +240,10 @@ def _decide(
         return Skip(SkipReason.DENSE_DISABLED)
     if role.value not in config.gemms:
         return Skip(SkipReason.ROLE_DISABLED, f"{role.value} not in {config.gemms}")
-    components = fqn.split(".")
-    if kept := [m for m in config.keep_bf16_modules if m in components]:
-        return Skip(SkipReason.KEEP_BF16, f"{fqn} has component {kept[0]!r}")
+    if module_role:
+        return Skip(SkipReason.KEEP_BF16, module_role)
+    if kept := [m for m in config.keep_bf16_modules if m in fqn.split(".")]:
+        return Skip(SkipReason.KEEP_BF16, f"{fqn} has component {kept[0]!r} (Config.keep_bf16_modules)")
     if hit := [s for s in config.exclude_fqns if s in fqn]:
         return Skip(SkipReason.FQN_EXCLUDED, f"{fqn!r} contains {hit[0]!r}")
     if config.include_fqns and not any(s in fqn for s in config.include_fqns):

@@ -42,7 +42,7 @@ class SkipReason(str, enum.Enum):
 
     ROLE_DISABLED = "this GEMM role is not in Config.gemms"
     DENSE_DISABLED = "dense linears are off (Config.dense_linears)"
-    KEEP_BF16 = "kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules)"
+    KEEP_BF16 = "kept in bf16 by policy (Config.keep_bf16_roles, keep_bf16_modules)"
     FQN_EXCLUDED = "module FQN matches Config.exclude_fqns"
     FQN_NOT_INCLUDED = "module FQN matches none of Config.include_fqns"
     NOT_MULTIPLE_OF_32 = "contraction dim is not a multiple of the MX block size 32"

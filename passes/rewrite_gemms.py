@@ -60,6 +60,7 @@ kernel that reads it once::
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable
 
@@ -82,11 +83,28 @@ def rewrite_gemms(
     """Rewrite every converted match in place, for ``target``. ``keep_apart``: nodes whose casts
     must stay separate ops (the rows a hoist moves: it moves the row cast alone)."""
     casts = _Casts(matches, target, config.scale_mode, keep_apart)
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten GEMM's node -> what now computes it
     for match in matches:
         if match.decision:
+            # A GEMM may read another's output directly (``fc2(fc1(x))`` on 2D inputs): the
+            # match still holds the node that an earlier rewrite erased.
+            match = _resolved(match, replaced)
             nodes = _Nodes(graph, match, casts)
             out = _EMITTERS[target](match, config, nodes)
-            _replace(graph, match, out if match.bias is None else nodes.call(aten.add.Tensor, out, match.bias))
+            if match.bias is not None:
+                out = nodes.call(aten.add.Tensor, out, match.bias)
+            replaced[_replace(graph, match, out)] = out
+
+
+def _resolved(m: GemmMatch, replaced: dict[fx.Node, fx.Node]) -> GemmMatch:
+    """``m`` with its operands, offsets and bias read from the nodes that replaced them."""
+    def get(node: fx.Node | None) -> fx.Node | None:
+        return replaced.get(node, node)
+
+    return dataclasses.replace(
+        m, a=dataclasses.replace(m.a, node=get(m.a.node)), b=dataclasses.replace(m.b, node=get(m.b.node)),
+        offs=get(m.offs), bias=get(m.bias),
+    )
 
 
 # An activation as the casts see it: (node, transposed, offs), the 2D tensor node (or node^T)
@@ -260,9 +278,9 @@ _EMITTERS: dict[str, Callable[[GemmMatch, Config, _Nodes], fx.Node]] = {
 }
 
 
-def _replace(graph: fx.Graph, m: GemmMatch, new: fx.Node) -> None:
+def _replace(graph: fx.Graph, m: GemmMatch, new: fx.Node) -> fx.Node:
     """Route the GEMM's users (or, for one output of a multi-output node, that getitem's) to
-    ``new``, and erase what is left unused."""
+    ``new``, and erase what is left unused; return the node replaced."""
     if m.output is None:
         old = m.node
     else:
@@ -273,3 +291,4 @@ def _replace(graph: fx.Graph, m: GemmMatch, new: fx.Node) -> None:
     graph.erase_node(old)
     if m.output is not None and not m.node.users:
         graph.erase_node(m.node)
+    return old

@@ -49,6 +49,11 @@ def backend(
     """
     import mxfp8_compile.ops  # noqa: F401  (registered before any graph can call them)
 
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(
+            f"mxfp8_compile.backend() takes a Config or None, got {config!r}: pass "
+            "mxfp8_compile.Config(scale_mode='floor', ...), or Config.from_options({...}) for a dict of options"
+        )
     config = config or Config()
     if inductor:
         if on_graph is not None:

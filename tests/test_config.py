@@ -19,6 +19,7 @@ from mxfp8_compile import Config
         ({"include_fqns": "experts"}, TypeError, r"Config.include_fqns must be a sequence of strings, got 'experts'"),
         ({"exclude_fqns": (3,)}, TypeError, r"Config.exclude_fqns must hold strings, got 3"),
         ({"min_gemm_size": -1}, ValueError, r"Config.min_gemm_size must be an int >= 0, got -1"),
+        ({"min_gemm_size": True}, ValueError, r"Config.min_gemm_size must be an int >= 0, got True"),
         ({"dense_linears": "yes"}, TypeError, r"Config.dense_linears must be a bool, got 'yes'"),
         ({"fast_accum": ("fwd",)}, ValueError, r"Config.fast_accum: 'fwd' is not allowed; allowed values: 'forward', 'dgrad', 'wgrad'"),
         ({"fast_accum": "forward"}, TypeError, r"Config.fast_accum must be a sequence of strings, got 'forward'"),
@@ -55,3 +56,11 @@ def test_options_map_onto_fields_and_unknown_keys_are_named() -> None:
         Config.from_options({"mode": "floor"})
     with pytest.raises(ValueError, match=r"Config.target: 'gpu'"):
         Config.from_options({"target": "gpu"})
+
+
+@pytest.mark.parametrize("bad", ["floor", {"scale_mode": "floor"}])
+def test_backend_takes_a_config_and_says_how_to_make_one(bad: object) -> None:
+    import mxfp8_compile
+
+    with pytest.raises(TypeError, match=r"mxfp8_compile.backend\(\) takes a Config or None, got .*Config.from_options"):
+        mxfp8_compile.backend(bad)

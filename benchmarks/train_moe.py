@@ -23,8 +23,9 @@ CUDA graph pools freed, so no run's peak memory holds an earlier run's.
     python benchmarks/train_moe.py --preset tiny --steps 20 --out d  # a CPU dry run
 
 Writes ``<out>/log.csv`` (every step of every run, rewritten as each run ends), ``<out>/loss.png``
-(training loss: bf16 blue, MXFP8 orange, experts-only green, exact accumulation purple; held-out loss
-as the darker lines) and ``<out>/summary.md`` (the table for benchmarks/RESULTS.md, appended there with ``--results``).
+(``plot_training.loss_figure``: training and held-out loss of every run; needs matplotlib, ``pip install -e
+".[plots]"``, else skipped with a note, and ``python benchmarks/plot_training.py <out>/log.csv`` draws it from the
+log later) and ``<out>/summary.md`` (the table for benchmarks/RESULTS.md, appended there with ``--results``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import triton
 from torch import nn
 
 import mxfp8_compile
-from line_plot import line_plot
+import plot_training
 from mxfp8_compile import Config
 from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 
@@ -62,8 +63,6 @@ RUNS = {"bf16": None, "mxfp8": Config(), "mxfp8_experts": Config(dense_linears=F
         "mxfp8_exact_accum": Config(fast_accum=())}
 # the held-out windows' draw: the one earlier sessions' seed-0 runs used (seed + 1)
 HELDOUT_SEED = 1
-COLOURS = {"bf16": ((70, 110, 200), (20, 40, 120)), "mxfp8": ((240, 140, 40), (150, 70, 0)),
-           "mxfp8_experts": ((60, 170, 90), (10, 90, 40)), "mxfp8_exact_accum": ((160, 90, 200), (80, 30, 120))}
 
 
 def load_text(max_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,15 +257,14 @@ def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) 
     return "\n".join(lines + [""])
 
 
-def loss_plot(rows: list[dict]) -> bytes:
-    """PNG of every run's training loss and, darker, its held-out loss against the step, from
-    log rows (as ``train`` returns them, or as log.csv reads back)."""
-    series = []
-    for run, seed in dict.fromkeys((r["run"], r["seed"]) for r in rows):
-        (light, dark), mine = COLOURS[run], [r for r in rows if r["run"] == run and r["seed"] == seed]
-        series.append(([(float(r["step"]), float(r["train_loss"])) for r in mine], light))
-        series.append(([(float(r["step"]), float(r["heldout_loss"])) for r in mine if r["heldout_loss"] != ""], dark))
-    return line_plot(series)
+def write_loss_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Draw ``rows`` (log rows) to the PNG ``path``; without matplotlib print one line saying the
+    plot was skipped and how to get it (the log, written before, is kept)."""
+    if not plot_training.have_matplotlib():
+        print(f"{path} skipped: matplotlib is not installed ({plot_training.PLOTS_HINT}, then "
+              f"python benchmarks/plot_training.py {path.with_name('log.csv')})", file=sys.stderr)
+        return
+    plot_training.save_png(plot_training.loss_figure(rows, title=title), path)
 
 
 def main() -> None:
@@ -308,7 +306,8 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-    (out / "loss.png").write_bytes(loss_plot(rows))
+    write_loss_plot(rows, out / "loss.png", title=f"train_moe.py --preset {args.preset}, {datetime.date.today()}: "
+                    f"{rows[0]['params'] / 1e6:.1f}M parameters, {args.steps} steps")
     summary = summarize(rows, args, device)
     (out / "summary.md").write_text(summary)
     print(summary)

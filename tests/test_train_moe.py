@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from train_moe import loss_plot  # noqa: E402
+import plot_training  # noqa: E402
+from train_moe import write_loss_plot  # noqa: E402
 
 
 def test_dry_run_of_two_seeds_writes_the_log_plot_and_paired_summary(tmp_path: Path) -> None:
@@ -29,10 +32,21 @@ def test_dry_run_of_two_seeds_writes_the_log_plot_and_paired_summary(tmp_path: P
     assert len(held) == 8 and all(4.0 < h < 6.0 for h in held)  # ln 256 = 5.5 at the start
     first = {r["seed"]: r["train_loss"] for r in rows if r["run"] == "bf16" and r["step"] == "0"}
     assert first["0"] != first["1"]  # each seed its own initial weights and batches
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the plot redrawn from the CSV is the one the run drew (so a kept log.csv can be re-plotted)
-    assert loss_plot(rows) == (tmp_path / "loss.png").read_bytes()
+    if plot_training.have_matplotlib():
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "loss.png skipped: matplotlib is not installed" in done.stderr
     summary = (tmp_path / "summary.md").read_text()
     assert "| mxfp8_experts | 1 |" in summary
     assert re.search(r"mxfp8_experts against bf16: held-out gap [+-]\d+\.\d\d% ± \d+\.\d\d% .*seeds 0, 1: "
                      r"[+-]\d+\.\d\d%, [+-]\d+\.\d\d%\)", summary), summary
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(plot_training, "have_matplotlib", lambda: False)
+    write_loss_plot([{"run": "bf16", "step": 0, "train_loss": 5.5, "heldout_loss": ""}], tmp_path / "loss.png", "")
+    assert not (tmp_path / "loss.png").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss.png skipped: matplotlib is not installed" in err
+    assert 'pip install -e ".[plots]"' in err

@@ -16,6 +16,7 @@ import torch.fx as fx
 from mxfp8_compile._hooks import joint_pass_patches
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes import run_joint_passes
+from mxfp8_compile.report_store import compile_reporting
 
 CompiledFn = Callable[..., Any]
 GraphSink = Callable[[str, fx.GraphModule], None]
@@ -72,7 +73,8 @@ def _compile_with_inductor(
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(joint_pass_patches(config))
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_reporting(gm, example_inputs, config,
+                             lambda: compile_fx(gm, example_inputs, config_patches=patches))
 
 
 def aot_backend(config: Config | None, on_graph: GraphSink | None) -> Callable[..., CompiledFn]:

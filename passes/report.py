@@ -195,6 +195,8 @@ class PassReport:
     # is active or TORCH_TRACE is set (rendering a large graph costs compile time).
     graph_before: str | None = None
     graph_after: str | None = None
+    # Served from Inductor's cache: these are the decisions made when the artifact was compiled.
+    from_cache: bool = False
 
     def converted(self) -> list[GemmSite]:
         return [e.site for e in self.entries if e.converted]
@@ -224,7 +226,8 @@ class PassReport:
             moved = f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after) if e.converted else 'same'}"
             rows.append((s.label, s.role.value, s.layout.value, shapes, s.dtype, moved, s.fqn or "-", verdict))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        lines = [f"mxfp8 rewrite report ({self.graph} graph, target {self.target}: {self.target_why})"]
+        cached = ", from Inductor's cache" if self.from_cache else ""
+        lines = [f"mxfp8 rewrite report ({self.graph} graph{cached}, target {self.target}: {self.target_why})"]
         for row in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
         return "\n".join(lines + self._hoist_lines())
@@ -258,6 +261,7 @@ class PassReport:
             "target": self.target,
             "target_why": self.target_why,
             "config": self.config,
+            "from_cache": self.from_cache,
             "entries": [
                 {
                     **dataclasses.asdict(e.site),
@@ -319,16 +323,25 @@ def capturing_graphs() -> bool:
 # Reports of the most recent compilations, newest last. Compilation is not thread-safe in torch
 # either; a bounded deque keeps long training runs from growing it.
 _HISTORY: collections.deque[PassReport] = collections.deque(maxlen=256)
+_RECORDED = 0  # reports recorded in this process, ever (the history forgets)
 
 
 def record(report: PassReport) -> None:
+    global _RECORDED
     _HISTORY.append(report)
+    _RECORDED += 1
+
+
+def recorded() -> int:
+    """How many reports this process has recorded."""
+    return _RECORDED
 
 
 def last_report() -> PassReport | None:
     """The report of the most recently compiled graph, or None if nothing was compiled.
 
-    A graph served from Inductor's caches runs no pass and leaves no new report.
+    A graph served from Inductor's caches leaves the report stored when it was compiled, marked
+    ``from_cache`` (``mxfp8_compile.report_store``).
     """
     return _HISTORY[-1] if _HISTORY else None
 

@@ -69,8 +69,12 @@ def test_same_config_hits_the_cache_another_misses(tmp_path: Path, monkeypatch: 
 
     assert compile_once(Config()) == "miss"  # cold: the pass runs
     report = mxfp8_compile.last_report()
-    assert compile_once(Config()) == "hit"  # the same config: served from the cache
-    assert mxfp8_compile.last_report() is report  # ... so no pass ran
+    assert not report.from_cache
+    assert compile_once(Config()) == "hit"  # the same config: served from the cache, no pass ran
+    cached = mxfp8_compile.last_report()  # ... and the report stored with it stands for it
+    assert cached is not report and cached.from_cache
+    assert cached.entries == report.entries and len(cached.converted()) == 1
+    assert "(inference graph, from Inductor's cache, target emulated" in cached.to_text()
     assert compile_once(Config(scale_mode="floor")) == "miss"  # another config: a new key
     assert mxfp8_compile.last_report().config == repr(Config(scale_mode="floor"))
 
@@ -82,7 +86,9 @@ def fn(x, w, offs):
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 args = (torch.randn(64, 64, dtype=torch.bfloat16), torch.randn(2, 32, 64, dtype=torch.bfloat16),
         torch.tensor([30, 64], dtype=torch.int32))
-print(torch.compile(fn, backend="mxfp8")(*args).float().sum().item(), mxfp8_compile.last_report() is None)
+out = torch.compile(fn, backend="mxfp8")(*args).float().sum().item()
+report = mxfp8_compile.last_report()
+print(out, report.from_cache, len(report.converted()))
 """
 
 
@@ -94,5 +100,31 @@ def test_an_artifact_from_the_cache_runs_in_a_fresh_process(tmp_path: Path) -> N
             for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
-    (cold, cold_no_report), (warm, warm_no_report) = (r.stdout.split()[-2:] for r in runs)
-    assert cold == warm and cold_no_report == "False" and warm_no_report == "True"
+    # The second process compiles nothing, yet its report is the first one's (the forward only).
+    (cold, cold_cached, cold_converted), (warm, warm_cached, warm_converted) = (r.stdout.split()[-3:] for r in runs)
+    assert cold == warm and (cold_cached, warm_cached) == ("False", "True") and cold_converted == warm_converted == "1"
+
+
+ENABLED_RUN = """
+import torch, mxfp8_compile
+from mxfp8_compile.examples.moe import MoEConfig, build
+torch.manual_seed(0)
+model, (x,) = build(MoEConfig(layers=1))
+with mxfp8_compile.enabled():
+    torch.compile(model)(x).float().pow(2).mean().backward()
+report = mxfp8_compile.last_report()
+print(report.from_cache, len(report.converted()), len(report.entries))
+"""
+
+
+@pytest.mark.slow
+def test_enabled_reports_the_same_decisions_when_the_second_run_hits_the_cache(tmp_path: Path) -> None:
+    # README's "Using it": the second run of a script compiles nothing and still has its report.
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", ENABLED_RUN], capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    cold, warm = (r.stdout.split()[-3:] for r in runs)
+    assert cold[0] == "False" and warm[0] == "True"
+    assert cold[1:] == warm[1:] and int(cold[1]) > 20

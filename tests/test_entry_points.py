@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -183,3 +184,20 @@ def test_enabled_keeps_a_list_of_user_passes() -> None:
             hook = inductor_config.joint_custom_pre_pass
             hook(torch.fx.Graph())
             assert calls == ["a", "b"] and hook.uuid()[1:] == ("a", "b")
+
+
+def test_enabled_warns_when_the_compile_inside_skips_inductor() -> None:
+    from torch._inductor import compile_fx
+
+    moe, x = _moe_layer()
+    original = compile_fx.compile_fx
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"compiled graphs in this block without Inductor .* backend='mxfp8'"):
+        with mxfp8_compile.enabled(), torch.no_grad():
+            torch.compile(moe, backend="aot_eager")(x)
+    assert compile_fx.compile_fx is original  # Inductor's entry restored
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # through Inductor: nothing to say
+        with mxfp8_compile.enabled(), torch.no_grad():
+            torch.compile(moe)(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -92,16 +93,22 @@ print(out, report.from_cache, len(report.converted()))
 """
 
 
-@pytest.mark.slow
-def test_an_artifact_from_the_cache_runs_in_a_fresh_process(tmp_path: Path) -> None:
-    # The cached graph calls mxfp8:: ops while no pass runs to register them.
-    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", CACHED_RUN], capture_output=True, text=True, env=env, timeout=300)
+def _run_twice(script: str, cache_dir: Path) -> tuple[list[str], list[str]]:
+    """The last three words ``script`` prints, in two processes sharing one Inductor cache."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
             for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
-    # The second process compiles nothing, yet its report is the first one's (the forward only).
-    (cold, cold_cached, cold_converted), (warm, warm_cached, warm_converted) = (r.stdout.split()[-3:] for r in runs)
+    cold, warm = (r.stdout.split()[-3:] for r in runs)
+    return cold, warm
+
+
+@pytest.mark.slow
+def test_an_artifact_from_the_cache_runs_in_a_fresh_process(tmp_path: Path) -> None:
+    # The cached graph calls mxfp8:: ops while no pass runs to register them. The second process
+    # compiles nothing, yet its report is the first one's (the forward only).
+    (cold, cold_cached, cold_converted), (warm, warm_cached, warm_converted) = _run_twice(CACHED_RUN, tmp_path)
     assert cold == warm and (cold_cached, warm_cached) == ("False", "True") and cold_converted == warm_converted == "1"
 
 
@@ -120,11 +127,6 @@ print(report.from_cache, len(report.converted()), len(report.entries))
 @pytest.mark.slow
 def test_enabled_reports_the_same_decisions_when_the_second_run_hits_the_cache(tmp_path: Path) -> None:
     # README's "Using it": the second run of a script compiles nothing and still has its report.
-    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", ENABLED_RUN], capture_output=True, text=True, env=env, timeout=600)
-            for _ in range(2)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-2000:]
-    cold, warm = (r.stdout.split()[-3:] for r in runs)
+    cold, warm = _run_twice(ENABLED_RUN, tmp_path)
     assert cold[0] == "False" and warm[0] == "True"
     assert cold[1:] == warm[1:] and int(cold[1]) > 20

@@ -124,6 +124,9 @@ def choose_target(config: Config, device: torch.device | None) -> TargetChoice:
                 return TargetChoice(target, f"auto: {device} has capability {capability}")
         return TargetChoice("emulated", "auto: " + "; ".join(f"not {t}: {why}" for t, why in refusals.items()))
     refused = _refusal(config.target, capability, config)
+    if refused is not None and capability is None and _PLANNING.get():
+        return TargetChoice(config.target, f"Config(target={config.target!r}), planned on {device}: what "
+                            f"{_NEEDS[config.target]} would get; nothing runs on a GPU")
     if refused is not None:
         where = f"{device} (capability {capability})" if capability else str(device)
         raise ValueError(
@@ -161,6 +164,19 @@ def broken_rule(target: str, b_shape: tuple[int | torch.SymInt, ...], groups: in
 
 
 _SELF_CHECKING = contextvars.ContextVar("mxfp8_self_check", default=False)
+_PLANNING = contextvars.ContextVar("mxfp8_planning", default=False)
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """A forced sm90 or sm100 target is taken on a machine without a GPU (the graphs' tensors on
+    the CPU): the passes plan for that GPU, and its ops run as their CPU emulations. For
+    ``mxfp8-dump --target``; on a GPU that cannot run the target, the refusal stands."""
+    token = _PLANNING.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING.reset(token)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ class TestExampleDump(expecttest.TestCase):
         summary = (out / "summary.txt").read_text()
         self.assertIn(summary.strip(), stdout.getvalue())
         self.assertExpectedInline(summary, """\
-mxfp8-dump: example moe (forward+backward), target emulated
+mxfp8-dump: example moe (forward+backward), target emulated (auto: no CUDA device)
 graphs rewritten: 1 (training)
 GEMMs converted to MXFP8: 120
     12  dgrad 2Dx3D
@@ -47,7 +47,7 @@ GEMMs converted to MXFP8: 120
     12  wgrad 2Dx2D
     28  wgrad dense
 GEMMs kept in high precision: 15
-    15  KEEP_BF16: kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules)
+    15  KEEP_BF16: kept in bf16 by policy (Config.keep_bf16_roles, keep_bf16_modules)
 operands of the converted GEMMs: 14.25 MiB -> 8.10 MiB
 all-to-all payload: no all-to-all in the graphs
 saved for backward: 6.85 MiB (bf16 compile) -> 6.65 MiB (with the plugin)
@@ -55,7 +55,8 @@ saved for backward: 6.85 MiB (bf16 compile) -> 6.65 MiB (with the plugin)
 """)
 
         graph_dir = out / "graph_0_training"
-        for name in ("before.py", "after.py", "decisions.txt", "report.json", "region.svg"):
+        for name in ("before.py", "after.py", "decisions.txt", "report.json", "conversion_map.svg",
+                     "regions/layers.0.svg", "regions/lm_head.svg"):
             self.assertTrue((graph_dir / name).stat().st_size > 0, name)
         before = (graph_dir / "before.py").read_text()
         after = (graph_dir / "after.py").read_text()
@@ -63,16 +64,21 @@ saved for backward: 6.85 MiB (bf16 compile) -> 6.65 MiB (with the plugin)
         self.assertEqual(after.count("torch.ops.aten._grouped_mm.default("), 0)
         self.assertEqual(after.count("torch.ops.mxfp8.scaled_grouped_mm.default("), 36)
 
-        # the picture is valid XML and names every converted GEMM and what replaced it
+        # the pictures are valid XML: the map has a cell slice per GEMM, the detail (a picture per
+        # layer) a row per GEMM and an MXFP8 GEMM box per converted one; tests/test_render.py
+        # checks what they show
         report = json.loads((graph_dir / "report.json").read_text())
-        texts = _svg_texts(graph_dir / "region.svg")
         converted = [e for e in report["entries"] if e["converted"]]
         self.assertEqual(len(converted), 120)
-        for entry in converted:
-            self.assertIn(f"{entry['node']}  {entry['role']} {entry['layout']}", texts)
-        root = ET.parse(graph_dir / "region.svg").getroot()
-        gemm_boxes = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "gemm"]
-        self.assertEqual(len(gemm_boxes), 120)
+        svg = "{http://www.w3.org/2000/svg}"
+        cells = [e for e in ET.parse(graph_dir / "conversion_map.svg").getroot().iter(svg + "rect")
+                 if e.get("id", "").startswith("gemm-")]
+        self.assertEqual(len(cells), len(report["entries"]))
+        regions = sorted((graph_dir / "regions").glob("*.svg"))
+        self.assertEqual([p.stem for p in regions], ["layers.0", "layers.1", "layers.2", "layers.3", "lm_head"])
+        groups = [g for p in regions for g in ET.parse(p).getroot().iter(svg + "g")]
+        self.assertEqual(len([g for g in groups if g.get("class") == "row"]), len(report["entries"]))
+        self.assertEqual(len([g for g in groups if g.get("class") == "box converted"]), 120)
 
 
 UNCONVERTIBLE = """
@@ -89,7 +95,8 @@ class Model(nn.Module):
         self.w = nn.Parameter(torch.randn(4, 64, 48) / 7)        # experts with K = 48
 
     def forward(self, x, offs):
-        h = self.proj(self.attn(x)) + self.gate(x).sum(-1, keepdim=True)
+        top, _ = self.gate(x).softmax(-1).topk(1)
+        h = self.proj(self.attn(x)) * top
         return torch._grouped_mm(h[:, :48].contiguous(), self.w.transpose(-2, -1), offs=offs)
 
 
@@ -120,10 +127,12 @@ def test_each_unconverted_gemm_shows_its_reason(factory_file: Path, tmp_path: Pa
     decisions = (out / "graph_0_training" / "decisions.txt").read_text()
     assert "contraction dim is not a multiple of the MX block size 32: contraction size 48" in decisions
     assert "module FQN matches Config.exclude_fqns: 'attn' contains 'attn'" in decisions
-    assert "kept in bf16 by policy: router gate or lm_head (Config.keep_bf16_modules): gate has component 'gate'" in decisions
-    texts = _svg_texts(out / "graph_0_training" / "region.svg")
+    assert ("kept in bf16 by policy (Config.keep_bf16_roles, keep_bf16_modules): router: its output picks experts "
+            "through aten.topk.default") in decisions
+    cells = _svg_texts(out / "graph_0_training" / "conversion_map.svg")
+    rows = "\n".join(_svg_texts(p) for p in (out / "graph_0_training" / "regions").glob("*.svg"))
     for reason in ("NOT_MULTIPLE_OF_32", "FQN_EXCLUDED", "KEEP_BF16"):
-        assert f"kept in high precision: {reason}" in texts
+        assert reason in cells and f"{reason}: " in rows
     summary = capsys.readouterr().out
     assert "NOT_MULTIPLE_OF_32" in summary and "FQN_EXCLUDED" in summary and "KEEP_BF16" in summary
 

@@ -5,12 +5,15 @@ It compiles the model twice under AOTAutograd with Inductor's decompositions and
 baseline, for the saved-for-backward bytes) and once with it. For every graph the plugin saw it
 writes, under ``--out``::
 
-    summary.txt                       what the terminal prints
-    graph_<i>_<kind>/before.py        the graph as code before the passes
-    graph_<i>_<kind>/after.py         ... and after them
-    graph_<i>_<kind>/decisions.txt    one line per GEMM: role, shapes, dtype, bytes, module, decision
-    graph_<i>_<kind>/report.json      the same, structured
-    graph_<i>_<kind>/region.svg       the rewritten region, one row per GEMM
+    summary.txt                           what the terminal prints
+    graph_<i>_<kind>/before.py            the graph as code before the passes
+    graph_<i>_<kind>/after.py             ... and after them
+    graph_<i>_<kind>/decisions.txt        one line per GEMM: role, shapes, dtype, bytes, module, decision
+    graph_<i>_<kind>/report.json          the same, structured
+    graph_<i>_<kind>/conversion_map.svg   every GEMM at a glance: a row per module (by layer, in
+                                          execution order), a column per role, converted or why not
+    graph_<i>_<kind>/regions/<layer>.svg  the rewrite of each GEMM of one layer (``layers.0.svg``,
+                                          ``lm_head.svg``): operands, casts, the MXFP8 GEMM
 
 Usage: ``mxfp8-dump --example moe --train``, ``mxfp8-dump path/to/file.py:factory`` where
 ``factory()`` returns ``(model, example_inputs)``.
@@ -22,7 +25,9 @@ import argparse
 import copy
 import dataclasses
 import importlib.util
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -35,11 +40,12 @@ import torch
 import torch.fx as fx
 
 from mxfp8_compile.backend import aot_backend
-from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, A2A_WIRE_FORMATS, Config
+from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, A2A_WIRE_FORMATS, KEEP_BF16_ROLES, Config
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.hoist_quantize import a2a_payloads
 from mxfp8_compile.passes.report import PassReport, format_bytes
-from mxfp8_compile.tools._render import region_svg
+from mxfp8_compile.tools._render_detail import region_svgs
+from mxfp8_compile.tools._render_map import conversion_map_svg
 
 
 Size = int | sympy.Expr  # bytes; an expression of the sizes when they are data-dependent
@@ -94,9 +100,19 @@ def dump(
     """Compile ``model`` on ``example_inputs`` with the plugin, forward (+ backward if
     ``train``), and return (and, with ``out``, write) what it decided for every GEMM.
 
-    The model is not modified: both compilations run on deep copies.
+    The model is not modified: both compilations run on deep copies. ``example_inputs`` may be
+    one tensor. ``out`` is checked before anything compiles: it must be a new or empty
+    directory, or an earlier dump's (whose files are replaced). A forced ``sm90`` or ``sm100``
+    target on a machine without that GPU plans for it (``targets.planning``): the decisions and
+    graphs that GPU would get, with the target's ops run as their CPU emulations.
     """
+    from mxfp8_compile.lowering.targets import planning
+
     config = config or Config()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if out is not None:
+        _check_out(Path(out))
     say = progress or (lambda _: None)
     mode = "forward+backward" if train else "forward"
     say(f"compiling {name} ({mode}) without the plugin (bf16 baseline) ...")
@@ -107,7 +123,7 @@ def dump(
     say(f"compiling {name} ({mode}) with backend mxfp8 ...")
     graphs: list[tuple[str, fx.GraphModule]] = []
     earlier = len(_report.reports())
-    with _report.capture_graphs():
+    with _report.capture_graphs(), planning():
         _run(copy.deepcopy(model), example_inputs,
              aot_backend(config, lambda kind, gm: graphs.append((kind, gm))), train)
     new_reports = _report.reports()[earlier:]
@@ -123,8 +139,36 @@ def dump(
     summary = _summary(name, mode, dumps, by_dtype, baseline_graphs, graphs)
     result = DumpResult(dumps, summary, by_dtype, Path(out) if out is not None else None)
     if out is not None:
+        _remove_earlier_dump(Path(out))
         _write(result, Path(out))
     return result
+
+
+_DUMP_FILES = ("summary.txt", "graph_*_training", "graph_*_inference")
+
+
+def _check_out(out: Path) -> None:
+    """``out`` can take a dump: a new or empty directory, or an earlier dump's, and writable."""
+    if out.exists() and not out.is_dir():
+        raise DumpError(f"--out {out} is a file; give a directory (new, empty, or an earlier dump's)")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not any(p.match(pattern) for pattern in _DUMP_FILES))
+        if foreign and not (out / "summary.txt").is_file():
+            raise DumpError(f"--out {out} holds files that are not a dump ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); give a new or empty directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DumpError(f"--out {out} cannot be written: {e.strerror or e}") from e
+
+
+def _remove_earlier_dump(out: Path) -> None:
+    """Remove what an earlier dump wrote to ``out`` (so that its graphs do not mix with ours)."""
+    for pattern in _DUMP_FILES:
+        for path in out.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _run(model: torch.nn.Module, inputs: Sequence[Any], backend: Callable[..., Any], train: bool) -> None:
@@ -217,8 +261,9 @@ def _summary(
     graphs: list[tuple[str, fx.GraphModule]],
 ) -> str:
     reports = [d.report for d in dumps]
-    targets = sorted({r.target for r in reports if r.target != "none"}) or ["none"]
-    lines = [f"mxfp8-dump: {name} ({mode}), target {', '.join(targets)}"]
+    choices = sorted({(r.target, r.target_why) for r in reports if r.target != "none"})
+    target = "; ".join(f"{t} ({why})" for t, why in choices) or "none"
+    lines = [f"mxfp8-dump: {name} ({mode}), target {target}"]
     lines.append(f"graphs rewritten: {len(reports)} ({', '.join(r.graph for r in reports)})")
     converted = Counter(f"{e.site.role.value} {e.site.layout.value}" for r in reports for e in r.entries if e.converted)
     kept = Counter(e.decision.reason for r in reports for e in r.entries if not e.converted)
@@ -250,8 +295,12 @@ def _write(result: DumpResult, out: Path) -> None:
         (directory / "after.py").write_text(graph.report.graph_after or "")
         (directory / "decisions.txt").write_text(graph.report.to_text() + "\n")
         (directory / "report.json").write_text(_report.json_dumps(graph.report) + "\n")
+        (directory / "conversion_map.svg").write_text(conversion_map_svg(graph.report))
         if graph.graph is not None:
-            (directory / "region.svg").write_text(region_svg(graph.graph.graph, graph.report))
+            regions = directory / "regions"
+            regions.mkdir(exist_ok=True)
+            for stem, svg in region_svgs(graph.graph.graph, graph.report).items():
+                (regions / f"{stem}.svg").write_text(svg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense-linears", action="store_true", help="leave dense mm/addmm in bf16")
     p.add_argument("--include", action="append", default=[], help="convert only FQNs containing this (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="keep FQNs containing this in bf16 (repeatable)")
-    p.add_argument("--keep-bf16", default="gate,router,lm_head,output", help="FQN components kept in bf16")
+    p.add_argument("--keep-bf16-roles", default=",".join(KEEP_BF16_ROLES),
+                   help=f"module roles kept in bf16, read from the graph (default {','.join(KEEP_BF16_ROLES)}; '' for none)")
+    p.add_argument("--keep-bf16", default="", help="FQN components kept in bf16 whatever they do, comma-separated")
     p.add_argument("--min-gemm-size", type=int, default=0, help="keep GEMMs with K*N below this in bf16")
     p.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES,
                    help="wgrads of token rows that cross an all-to-all as MXFP8 (see Config.a2a_wgrad)")
@@ -332,6 +383,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception inside torch's wrappers (``BackendCompilerFailed`` says only "backend
+    raised:" on its first line)."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = inner
+    return e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     name = f"example {args.example}" if args.example else args.factory
@@ -340,9 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             scale_mode=args.scale_mode, target=args.target, gemms=tuple(filter(None, args.gemms.split(","))),
             dense_linears=not args.no_dense_linears, include_fqns=tuple(args.include),
             exclude_fqns=tuple(args.exclude), keep_bf16_modules=tuple(filter(None, args.keep_bf16.split(","))),
+            keep_bf16_roles=tuple(filter(None, args.keep_bf16_roles.split(","))),
             min_gemm_size=args.min_gemm_size, a2a_wgrad=args.a2a_wgrad,
             a2a_payloads=args.a2a_payloads, a2a_wire_format=args.a2a_wire_format,
         )
+        _check_out(Path(args.out))  # before anything is built or compiled
         if args.example:
             examples = _examples()
             if args.example not in examples:
@@ -361,14 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure inside torch.compile or the model: keep it short unless asked
         if args.debug:
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"mxfp8-dump: error: compiling {name} failed: {type(e).__name__}: {first}"
+        root = _root_cause(e)
+        first = str(root).strip().splitlines()[0] if str(root).strip() else ""
+        print(f"mxfp8-dump: error: compiling {name} failed: {type(root).__name__}: {first}"
               + ("" if args.debug else "  (--debug shows the traceback)"), file=sys.stderr)
         return 1
     print(result.summary)
     files = sum(1 for p in Path(args.out).rglob("*") if p.is_file())
     print(f"\nwrote {files} files to {args.out}/ in {time.perf_counter() - start:.1f} s "
-          f"(decisions.txt: the table; region.svg: the picture; before.py/after.py: the graphs)")
+          f"(decisions.txt: the table; conversion_map.svg: the picture; regions/<layer>.svg: each rewrite; "
+          f"before.py/after.py: the graphs)")
     return 0
 
 

@@ -364,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mxfp8-dump", help="where the files go (default: ./mxfp8-dump)")
     p.add_argument("--layers", type=int, default=4, help="blocks of --example moe (default 4)")
     p.add_argument("--scale-mode", default="rceil", choices=["rceil", "floor"])
-    p.add_argument("--target", default="auto", help="auto, sm100, sm90 or emulated")
+    p.add_argument("--target", default="auto",
+                   help="auto, sm100, sm90 or emulated; sm90 or sm100 without that GPU plans for it (nothing runs on a GPU)")
     p.add_argument("--gemms", default="forward,dgrad,wgrad", help="roles to convert, comma-separated")
     p.add_argument("--no-dense-linears", action="store_true", help="leave dense mm/addmm in bf16")
     p.add_argument("--include", action="append", default=[], help="convert only FQNs containing this (repeatable)")

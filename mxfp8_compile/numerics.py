@@ -414,6 +414,19 @@ def round_up(n: int | torch.Tensor, multiple: int) -> int | torch.Tensor:
     return (n + multiple - 1) // multiple * multiple
 
 
+def pad_to_block(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A new tensor: ``x`` with zeros appended along ``dim`` up to a multiple of ``BLOCK_SIZE``.
+
+    For a GEMM's contraction dim, padding both operands so is exact: the zeros add nothing to
+    any dot product, and an all-zero MX block has scale byte 0 and zero data."""
+    dim = dim % x.dim()
+    shape = list(x.shape)
+    shape[dim] = round_up(shape[dim], BLOCK_SIZE)
+    out = x.new_zeros(shape)
+    out.narrow(dim, 0, x.shape[dim]).copy_(x)
+    return out
+
+
 def blocked_shape(rows: int, cols: int) -> tuple[int, int]:
     """Shape of the padded scale matrix the blocked layout of ``(rows, cols)`` scales fills."""
     return round_up(rows, BLOCKED_TILE_ROWS), round_up(cols, BLOCKED_TILE_COLS)

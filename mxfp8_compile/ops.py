@@ -91,6 +91,20 @@ def _quantize_fake(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tenso
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(_scales_shape(x.shape, dim), dtype=_U8)
 
 
+@torch.library.custom_op("mxfp8::pad_to_block", mutates_args=())
+def pad_to_block(x: Tensor, dim: int) -> Tensor:
+    """``x`` zero-padded along ``dim`` to a multiple of 32: ``numerics.pad_to_block``. For a
+    contraction dim that is not a multiple of 32, or not known to be one (symbolic token counts)."""
+    return numerics.pad_to_block(x, dim)
+
+
+@pad_to_block.register_fake
+def _(x: Tensor, dim: int) -> Tensor:
+    shape = list(x.shape)
+    shape[dim % x.dim()] = numerics.round_up(shape[dim % x.dim()], BLOCK_SIZE)
+    return x.new_empty(shape)
+
+
 @torch.library.custom_op("mxfp8::quantize_token_groups", mutates_args=())
 def quantize_token_groups(
     x: Tensor, offs: Tensor, mode: str = "rceil"

@@ -65,6 +65,12 @@ class GemmMatch:
     out_dtype: torch.dtype
     output: int | None = None  # which output of a multi-output node this GEMM produces
 
+    @property
+    def pads_contraction(self) -> bool:
+        """Whether the contraction dim must be zero-padded to a multiple of 32 (it is not one, or
+        not known to be one). 2Dx2D contracts over token groups, which the cast pads per group."""
+        return self.site.layout is not Layout.GROUPED_2D2D and not known_multiple(self.a.shape[-1], BLOCK_SIZE)
+
 
 def _hf_ops() -> tuple[object | None, object | None]:
     """HF transformers' fallback ops, if transformers registered them in this process."""
@@ -251,11 +257,14 @@ def _decide(
     for name, operand in (("A", a), ("B", b)):
         if not config.allows_dtype(operand.dtype):
             return Skip(SkipReason.DTYPE, f"{name} is {operand.dtype}; allowed: {config.operand_dtypes}")
-    # 2Dx2D contracts over token groups, each padded to 32 by the quantization itself.
-    if layout is not Layout.GROUPED_2D2D and not known_multiple(a.shape[-1], BLOCK_SIZE):
-        return Skip(SkipReason.NOT_MULTIPLE_OF_32, f"contraction size {a.shape[-1]}")
     # The weight is (K, N) for the forward, (N, K) for the dgrad and the wgrad's output (N, K).
     weight_elements = (a.shape[0] if role is Role.WGRAD else a.shape[-1]) * b.shape[-1]
     if isinstance(weight_elements, int) and weight_elements < config.min_gemm_size:
         return Skip(SkipReason.TOO_SMALL, f"{weight_elements} < {config.min_gemm_size}")
+    # 2Dx2D contracts over token groups, each padded to 32 by the quantization itself; any other
+    # contraction that is not a multiple of 32 (or not known to be one) is zero-padded.
+    contraction = a.shape[-1]
+    if layout is not Layout.GROUPED_2D2D and not known_multiple(contraction, BLOCK_SIZE):
+        known = "unknown at compile time" if isinstance(contraction, torch.SymInt) else "not a multiple of 32"
+        return Convert(f"contraction {contraction} ({known}) zero-padded to a multiple of 32")
     return Convert()

@@ -228,7 +228,8 @@ def plan_hoists(
 
 def _reads_rows(m: GemmMatch) -> bool:
     """Whether ``m`` contracts its A operand along the last dim, as stored (row-local)."""
-    return m.site.layout in (Layout.GROUPED_2D3D, Layout.DENSE) and not m.a.transposed
+    # (a padded contraction casts the padded copy, which the hoist cannot carry)
+    return m.site.layout in (Layout.GROUPED_2D3D, Layout.DENSE) and not m.a.transposed and not m.pads_contraction
 
 
 def _reads_tokens(m: GemmMatch, node: fx.Node) -> bool:

@@ -45,7 +45,6 @@ class SkipReason(str, enum.Enum):
     KEEP_BF16 = "kept in bf16 by policy (Config.keep_bf16_roles, keep_bf16_modules)"
     FQN_EXCLUDED = "module FQN matches Config.exclude_fqns"
     FQN_NOT_INCLUDED = "module FQN matches none of Config.include_fqns"
-    NOT_MULTIPLE_OF_32 = "contraction dim is not a multiple of the MX block size 32"
     DTYPE = "operand dtype is not in Config.operand_dtypes"
     UNSUPPORTED_LAYOUT = "no MX path for this grouped GEMM layout"
     UNSUPPORTED_ARGS = "GEMM arguments the MX path does not take"
@@ -140,8 +139,15 @@ class HoistSite:
 
 @dataclasses.dataclass(frozen=True)
 class Convert:
+    """A truthy decision; ``note`` says what the conversion adds (padding), if anything."""
+
+    note: str = ""
+
     def __bool__(self) -> bool:
         return True
+
+    def __str__(self) -> str:
+        return f"converted ({self.note})" if self.note else "converted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +227,7 @@ class PassReport:
         rows = [header]
         for e in self.entries:
             s = e.site
-            verdict = "converted" if e.converted else f"skipped: {e.decision}"
+            verdict = str(e.decision) if e.converted else f"skipped: {e.decision}"
             shapes = " x ".join("(" + ", ".join(d) + ")" for d in s.shapes)
             moved = f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after) if e.converted else 'same'}"
             rows.append((s.label, s.role.value, s.layout.value, shapes, s.dtype, moved, s.fqn or "-", verdict))

@@ -70,7 +70,7 @@ import torch.fx as fx
 from mxfp8_compile import numerics
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes._graph import insert_call, insert_multi, insert_traced
-from mxfp8_compile.passes.find_gemms import GemmMatch
+from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
 from mxfp8_compile.passes.report import Layout
 
 mxfp8 = torch.ops.mxfp8
@@ -90,10 +90,22 @@ def rewrite_gemms(
             # match still holds the node that an earlier rewrite erased.
             match = _resolved(match, replaced)
             nodes = _Nodes(graph, match, casts)
+            if match.pads_contraction:
+                match = _padded(match, nodes)
             out = _EMITTERS[target](match, config, nodes)
             if match.bias is not None:
                 out = nodes.call(aten.add.Tensor, out, match.bias)
             replaced[_replace(graph, match, out)] = out
+
+
+def _padded(m: GemmMatch, n: _Nodes) -> GemmMatch:
+    """``m`` with both operands zero-padded along the contraction dim to a multiple of 32: A's
+    last dim, B's dim -2 (each the other way round in the node a transposed operand views)."""
+    def pad(op: Operand, contraction_dim: int) -> Operand:
+        dim = (-3 - contraction_dim) if op.transposed else contraction_dim  # -1 <-> -2
+        return dataclasses.replace(op, node=n.call(mxfp8.pad_to_block.default, op.node, dim))
+
+    return dataclasses.replace(m, a=pad(m.a, -1), b=pad(m.b, -2))
 
 
 def _resolved(m: GemmMatch, replaced: dict[fx.Node, fx.Node]) -> GemmMatch:

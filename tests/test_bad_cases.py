@@ -8,6 +8,7 @@ from torch import nn
 
 import mxfp8_compile
 from mxfp8_compile import Config
+from mxfp8_compile import numerics
 from mxfp8_compile.numerics import sqnr
 from mxfp8_compile.passes.report import Role, SkipReason
 
@@ -38,19 +39,27 @@ def _reasons(report: mxfp8_compile.PassReport) -> dict[Role, SkipReason | None]:
 OFFS = torch.tensor([10, 10, 64], dtype=torch.int32)
 
 
-def test_k_not_a_multiple_of_32_keeps_the_forward_in_bf16() -> None:
+def _mx(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` zero-padded along ``dim`` to a multiple of 32 and MX-rounded there."""
+    padded = numerics.pad_to_block(x, dim)
+    return numerics.from_mx(*numerics.to_mx(padded, dim=dim), dim=dim, dtype=padded.dtype)
+
+
+def test_k_not_a_multiple_of_32_is_zero_padded() -> None:
     module, x = Experts(3, 64, 48), torch.randn(64, 48, dtype=BF16)
     out, _, report = _train(module, x, OFFS)
-    assert _reasons(report) == {Role.FORWARD: SkipReason.NOT_MULTIPLE_OF_32, Role.DGRAD: None, Role.WGRAD: None}
-    (fwd,) = [d for s, d in report.skipped()]
-    assert "contraction size 48" in str(fwd)
-    assert torch.equal(out, module(x, OFFS))  # the forward is the same bf16 GEMM
+    assert _reasons(report) == {Role.FORWARD: None, Role.DGRAD: None, Role.WGRAD: None}
+    (forward,) = [e.decision for e in report.entries if e.site.role is Role.FORWARD]
+    assert str(forward) == "converted (contraction 48 (not a multiple of 32) zero-padded to a multiple of 32)"
+    # exactly the GEMM of the zero-padded operands, MX-rounded along K
+    expected = torch._grouped_mm(_mx(x, -1), _mx(module.w.detach(), -1).transpose(-2, -1), offs=OFFS)
+    assert torch.equal(out, expected)
 
 
-def test_n_not_a_multiple_of_32_keeps_the_dgrad_in_bf16() -> None:
+def test_n_not_a_multiple_of_32_pads_the_dgrad() -> None:
     module, x = Experts(3, 40, 64), torch.randn(64, 64, dtype=BF16)
     out, grad, report = _train(module, x, OFFS)
-    assert _reasons(report) == {Role.FORWARD: None, Role.DGRAD: SkipReason.NOT_MULTIPLE_OF_32, Role.WGRAD: None}
+    assert _reasons(report) == {Role.FORWARD: None, Role.DGRAD: None, Role.WGRAD: None}
     x_ref = x.clone().requires_grad_()
     ref = module(x_ref, OFFS)
     (ref.float() ** 2).sum().backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -273,6 +274,46 @@ def test_a_dynamic_token_count_compiles_once_and_converts(dynamic: str) -> None:
     experts = [e for e in reports[0].entries if e.site.fqn == "layers.0.moe.experts"]
     assert len(experts) == 9 and all(e.converted for e in experts)
     assert not experts[0].site.shapes[0][0].isdigit(), reports[0].to_text()  # a symbolic token count
+
+
+def _dense_block() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    block = torch.nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True)
+    return block.to(torch.bfloat16), torch.randn(2, 64, 128, dtype=torch.bfloat16)
+
+
+def _example_moe() -> tuple[torch.nn.Module, torch.Tensor]:
+    model, (x,) = build(MoEConfig(layers=1))
+    return model, x
+
+
+@pytest.mark.parametrize("make", [_example_moe, _dense_block], ids=["example_moe", "dense_block"])
+def test_dynamic_converts_what_static_does_wgrads_included(make: Callable) -> None:
+    model, x = make()
+    reference = _step(model, x, None)
+
+    def run(dynamic: bool) -> tuple[set[tuple[str, str]], list[float]]:
+        torch._dynamo.reset()
+        earlier = len(mxfp8_compile.reports())
+        result = _step(model, x, mxfp8_compile.backend(inductor=False), dynamic=dynamic)
+        converted = {(s.role.value, s.fqn) for r in mxfp8_compile.reports()[earlier:] for s in r.converted()}
+        return converted, [sqnr(reference[k], result[k]) for k in reference]
+
+    static, static_sqnr = run(False)
+    dynamic, dynamic_sqnr = run(True)
+    assert dynamic == static and {role for role, _ in static} == {"forward", "dgrad", "wgrad"}
+    assert all(d >= s - 0.5 for s, d in zip(static_sqnr, dynamic_sqnr)), (static_sqnr, dynamic_sqnr)
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, backend: Callable | None, dynamic: bool = False) -> dict:
+    """Output, input grad and weight grads of one step of ``model`` (eager for ``backend=None``)."""
+    model = copy.deepcopy(model)
+    x = x.clone().requires_grad_()
+    run = model if backend is None else torch.compile(model, backend=backend, dynamic=dynamic)
+    out = run(x)
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None and p.dim() > 1}
+    return {"output": out.detach().float(), "input grad": x.grad.float(), **grads}
 
 
 @pytest.fixture

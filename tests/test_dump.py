@@ -92,17 +92,17 @@ class Model(nn.Module):
         self.gate = nn.Linear(64, 4, bias=False)                 # the router gate: policy
         self.attn = nn.Linear(64, 64, bias=False)                # excluded by --exclude attn
         self.proj = nn.Linear(64, 64, bias=False)                # converted
-        self.w = nn.Parameter(torch.randn(4, 64, 48) / 7)        # experts with K = 48
+        self.w = nn.Parameter(torch.randn(4, 64, 64) / 8)        # batched experts: 3Dx3D, no MX path
 
-    def forward(self, x, offs):
+    def forward(self, x):
         top, _ = self.gate(x).softmax(-1).topk(1)
         h = self.proj(self.attn(x)) * top
-        return torch._grouped_mm(h[:, :48].contiguous(), self.w.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(h.reshape(4, 16, 64), self.w.transpose(-2, -1))
 
 
 def make():
     x = torch.randn(64, 64, dtype=torch.bfloat16)
-    return Model().bfloat16(), (x, torch.tensor([10, 10, 40, 64], dtype=torch.int32))
+    return Model().bfloat16(), (x,)
 
 
 def broken():
@@ -125,16 +125,16 @@ def test_each_unconverted_gemm_shows_its_reason(factory_file: Path, tmp_path: Pa
     out = tmp_path / "dump"
     assert main([f"{factory_file}:make", "--train", "--exclude", "attn", "--out", str(out)]) == 0
     decisions = (out / "graph_0_training" / "decisions.txt").read_text()
-    assert "contraction dim is not a multiple of the MX block size 32: contraction size 48" in decisions
+    assert "no MX path for this grouped GEMM layout: 3Dx3D grouped_mm (batched)" in decisions
     assert "module FQN matches Config.exclude_fqns: 'attn' contains 'attn'" in decisions
     assert ("kept in bf16 by policy (Config.keep_bf16_roles, keep_bf16_modules): router: its output picks experts "
             "through aten.topk.default") in decisions
     cells = _svg_texts(out / "graph_0_training" / "conversion_map.svg")
     rows = "\n".join(_svg_texts(p) for p in (out / "graph_0_training" / "regions").glob("*.svg"))
-    for reason in ("NOT_MULTIPLE_OF_32", "FQN_EXCLUDED", "KEEP_BF16"):
+    for reason in ("UNSUPPORTED_LAYOUT", "FQN_EXCLUDED", "KEEP_BF16"):
         assert reason in cells and f"{reason}: " in rows
     summary = capsys.readouterr().out
-    assert "NOT_MULTIPLE_OF_32" in summary and "FQN_EXCLUDED" in summary and "KEEP_BF16" in summary
+    assert "UNSUPPORTED_LAYOUT" in summary and "FQN_EXCLUDED" in summary and "KEEP_BF16" in summary
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -159,7 +159,8 @@ class _Casts:
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node]) -> None:
         self.target, self.rebased, self.mode = target, target == "sm90", mode
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
-        rows = {_cast_key(m.a.node, m.a.transposed, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D3D}
+        rows = {_cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
+                if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
         tokens = {_cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
                   for key in ((m.a.node, not m.a.transposed), (m.b.node, m.b.transposed))}
         self.shared = {key for key in rows & tokens if key[0] not in keep_apart}

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from mxfp8_compile._hooks import joint_pass_patches
 from mxfp8_compile.config import Config
+from mxfp8_compile.module_paths import frame_place
 from mxfp8_compile.passes import run_joint_passes
 from mxfp8_compile.report_store import compile_reporting
 
@@ -73,8 +74,9 @@ def _compile_with_inductor(
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(joint_pass_patches(config))
-    return compile_reporting(gm, example_inputs, config,
-                             lambda: compile_fx(gm, example_inputs, config_patches=patches))
+    with frame_place(gm):
+        return compile_reporting(gm, example_inputs, config,
+                                 lambda: compile_fx(gm, example_inputs, config_patches=patches))
 
 
 def aot_backend(config: Config | None, on_graph: GraphSink | None) -> Callable[..., CompiledFn]:
@@ -105,10 +107,16 @@ def aot_backend(config: Config | None, on_graph: GraphSink | None) -> Callable[.
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
     # Inductor's decompositions, so the passes see the graphs they see under Inductor.
-    return aot_autograd(
+    aot = aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         partition_fn=partition,
         decompositions=select_decomp_table(),
     )
+
+    def compile_frame(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> CompiledFn:
+        with frame_place(gm):
+            return aot(gm, example_inputs)
+
+    return compile_frame

@@ -10,6 +10,7 @@ from typing import Any
 
 from mxfp8_compile._hooks import joint_pass_patches
 from mxfp8_compile.config import Config
+from mxfp8_compile.module_paths import frame_place
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.report_store import compile_reporting
 
@@ -46,7 +47,9 @@ def enabled(config: Config | None = None) -> Iterator[None]:
     @functools.wraps(original)
     def compile_fx(gm: Any, example_inputs: Any, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         inductor_calls[0] += 1
-        return compile_reporting(gm, example_inputs, config, lambda: original(gm, example_inputs, *args, **kwargs))
+        with frame_place(gm):
+            return compile_reporting(gm, example_inputs, config,
+                                     lambda: original(gm, example_inputs, *args, **kwargs))
 
     compile_fx_module.compile_fx = compile_fx
     try:

@@ -9,6 +9,8 @@ what inserted it.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -149,7 +151,25 @@ _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
 # Not parts of the FQN users see: Dynamo spells some attribute accesses through the module's
 # dicts (``moe.__dict__['_modules']['x']``, inside activation checkpointing), and torch's
 # checkpoint wrapper adds a component that its state_dict hides.
-_HIDDEN_COMPONENTS = frozenset({"__dict__", "_modules", "_checkpoint_wrapped_module"})
+_HIDDEN_COMPONENTS = frozenset({"__dict__", "_modules", "_parameters", "_buffers", "_checkpoint_wrapped_module"})
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FramePlace:
+    """Where the frame Dynamo compiled into a graph sits in the user's model (module paths in
+    the graph are relative to it). ``path``: "" for the model's own forward, the module's path
+    for a frame compiled inside a module (after a graph break there), None where unknown.
+    ``alike``: the paths of the model's other modules of the same class, which Dynamo may run
+    through the same compiled frame."""
+
+    path: str | None
+    alike: tuple[str, ...] = ()
+
+
+# Set around each compilation by ``mxfp8_compile.module_paths.frame_place``.
+FRAME: contextvars.ContextVar[FramePlace] = contextvars.ContextVar("mxfp8_frame", default=FramePlace(""))
+UNKNOWN_PARENT = "?"  # the first component of a path whose frame's place in the model is unknown
 
 
 def normalize_fqn(dynamo_path: str) -> str:
@@ -161,13 +181,16 @@ def normalize_fqn(dynamo_path: str) -> str:
 
 
 def module_fqn(node: fx.Node) -> str:
-    """FQN of the innermost module a node was traced in; for backward nodes, the forward's."""
+    """FQN in the user's model of the innermost module a node was traced in (for backward nodes,
+    the forward's): its path in the graph's frame, under ``FRAME``'s. A path whose frame's
+    place is unknown starts with ``UNKNOWN_PARENT``."""
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
     entries = list(stack.values()) if isinstance(stack, dict) else [v for _, v in stack]
-    if not entries:
-        return ""
-    path = entries[-1][0] if isinstance(entries[-1], tuple) else str(entries[-1])
-    return normalize_fqn(path)
+    relative = ""
+    if entries:
+        relative = normalize_fqn(entries[-1][0] if isinstance(entries[-1], tuple) else str(entries[-1]))
+    frame = FRAME.get().path
+    return ".".join(p for p in (UNKNOWN_PARENT if frame is None else frame, relative) if p)
 
 
 def is_backward(node: fx.Node) -> bool:

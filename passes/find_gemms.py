@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -29,7 +30,14 @@ import torch.fx as fx
 
 from mxfp8_compile.config import Config
 from mxfp8_compile.numerics import BLOCK_SIZE
-from mxfp8_compile.passes._graph import is_backward, known_multiple, module_fqn, view_source
+from mxfp8_compile.passes._graph import (
+    FRAME,
+    UNKNOWN_PARENT,
+    is_backward,
+    known_multiple,
+    module_fqn,
+    view_source,
+)
 from mxfp8_compile.passes.module_roles import module_roles
 from mxfp8_compile.passes.report import Convert, Decision, GemmSite, Layout, Role, Skip, SkipReason
 
@@ -112,6 +120,7 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
             if 1 in used:
                 matches.append(_match(node, config, roles, Role.WGRAD, Layout.GROUPED_2D2D, Operand(input_, True),
                                       Operand(grad), offs, output=1))
+    _warn_where_paths_cannot_decide(matches, config)
     return matches
 
 
@@ -223,6 +232,44 @@ def _operand_bytes(a: Operand, b: Operand, layout: Layout, offs: fx.Node | None)
     return {"bytes_before": before, "bytes_after": after}
 
 
+def _path_rule(config: Config, fqn: str) -> Skip | None:
+    """``Config.exclude_fqns`` and ``include_fqns`` applied to a module path."""
+    if hit := [s for s in config.exclude_fqns if s in fqn]:
+        return Skip(SkipReason.FQN_EXCLUDED, f"{fqn!r} contains {hit[0]!r}")
+    if config.include_fqns and not any(s in fqn for s in config.include_fqns):
+        return Skip(SkipReason.FQN_NOT_INCLUDED, f"{fqn!r} not in {config.include_fqns}")
+    return None
+
+
+def _warn_where_paths_cannot_decide(matches: list[GemmMatch], config: Config) -> None:
+    """Warn when include/exclude rules met module paths they cannot decide by: paths whose
+    frame's place in the model is unknown, or a frame that Dynamo may run for other modules
+    (``FramePlace.alike``) which the rules would treat differently."""
+    if not (config.include_fqns or config.exclude_fqns):
+        return
+    unknown = sorted({m.site.fqn for m in matches if m.site.fqn.split(".")[0] == UNKNOWN_PARENT})
+    if unknown:
+        warnings.warn(
+            f"mxfp8_compile: Config.include_fqns/exclude_fqns matched paths relative to a compiled frame whose place "
+            f"in the model is unknown ({', '.join(unknown[:3])}): the rules may not apply to those GEMMs as meant",
+            stacklevel=2,
+        )
+    place = FRAME.get()
+    differ = sorted({
+        alike + m.site.fqn[len(place.path):] for m in matches for alike in place.alike
+        if place.path and m.site.fqn.startswith(place.path)
+        and (_path_rule(config, alike + m.site.fqn[len(place.path):]) is None) != (_path_rule(config, m.site.fqn) is None)
+    })
+    if differ:
+        warnings.warn(
+            f"mxfp8_compile: one compiled frame serves {place.path} and the other modules of its class, and "
+            f"Config.include_fqns/exclude_fqns decide {len(differ)} of their GEMMs otherwise (e.g. {differ[0]}); "
+            f"all get {place.path}'s decisions. Dynamo compiled the frame alone after a graph break: rules that name "
+            "a whole family of modules (e.g. 'experts'), or no graph break, avoid this",
+            stacklevel=2,
+        )
+
+
 def _decide(
     config: Config,
     role: Role,
@@ -250,10 +297,8 @@ def _decide(
         return Skip(SkipReason.KEEP_BF16, module_role)
     if kept := [m for m in config.keep_bf16_modules if m in fqn.split(".")]:
         return Skip(SkipReason.KEEP_BF16, f"{fqn} has component {kept[0]!r} (Config.keep_bf16_modules)")
-    if hit := [s for s in config.exclude_fqns if s in fqn]:
-        return Skip(SkipReason.FQN_EXCLUDED, f"{fqn!r} contains {hit[0]!r}")
-    if config.include_fqns and not any(s in fqn for s in config.include_fqns):
-        return Skip(SkipReason.FQN_NOT_INCLUDED, f"{fqn!r} not in {config.include_fqns}")
+    if (by_path := _path_rule(config, fqn)) is not None:
+        return by_path
     for name, operand in (("A", a), ("B", b)):
         if not config.allows_dtype(operand.dtype):
             return Skip(SkipReason.DTYPE, f"{name} is {operand.dtype}; allowed: {config.operand_dtypes}")

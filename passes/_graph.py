@@ -197,7 +197,7 @@ def is_backward(node: fx.Node) -> bool:
     return node.meta.get("partitioner_tag") == "is_backward" or bool(node.meta.get("autograd_backward"))
 
 
-_VIEWS = {
+VIEW_OPS = {
     torch.ops.aten.permute.default,
     torch.ops.aten.t.default,
     torch.ops.aten.transpose.int,
@@ -211,6 +211,6 @@ _VIEWS = {
 
 def view_source(node: Any) -> Any:
     """Follow view ops back to the tensor they view."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
         node = node.args[0]
     return node

@@ -33,6 +33,7 @@ from mxfp8_compile.numerics import BLOCK_SIZE
 from mxfp8_compile.passes._graph import (
     FRAME,
     UNKNOWN_PARENT,
+    VIEW_OPS,
     is_backward,
     known_multiple,
     module_fqn,
@@ -76,8 +77,13 @@ class GemmMatch:
     @property
     def pads_contraction(self) -> bool:
         """Whether the contraction dim must be zero-padded to a multiple of 32 (it is not one, or
-        not known to be one). 2Dx2D contracts over token groups, which the cast pads per group."""
-        return self.site.layout is not Layout.GROUPED_2D2D and not known_multiple(self.a.shape[-1], BLOCK_SIZE)
+        not known to be one). Wgrads contract over token groups, which their cast pads per group."""
+        return _pads_contraction(self.site.layout, self.site.role, self.a.shape[-1])
+
+
+def _pads_contraction(layout: Layout, role: Role, contraction: int | torch.SymInt) -> bool:
+    over_token_groups = layout is Layout.GROUPED_2D2D or (layout is Layout.BATCHED and role is Role.WGRAD)
+    return not over_token_groups and not known_multiple(contraction, BLOCK_SIZE)
 
 
 def _hf_ops() -> tuple[object | None, object | None]:
@@ -95,8 +101,10 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
     hf_fwd, hf_bwd = _hf_ops()
     dense = (aten.mm.default, aten.addmm.default)
     gemms = [n for n in graph.nodes if n.op == "call_function"
-             and (n.target in dense or n.target in (aten._grouped_mm.default, hf_fwd, hf_bwd))]
-    weight_sources = {view_source(_dense_operands(n)[1]) for n in gemms if n.target in dense and not is_backward(n)}
+             and (n.target in dense or n.target in BATCHED or n.target in (aten._grouped_mm.default, hf_fwd, hf_bwd))]
+    weight_sources = {view_source(_operands(n)[1]) for n in gemms if n.target in dense and not is_backward(n)}
+    batched_weights = {w for n in gemms if n.target in BATCHED and not is_backward(n)
+                       if (w := _weight_source(_operands(n)[1])[0]) is not None}
     roles = module_roles([n for n in gemms if not is_backward(n)], set(gemms), config.keep_bf16_roles)
     matches: list[GemmMatch] = []
     for node in gemms:
@@ -104,6 +112,8 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
             matches.append(_grouped(node, config, roles))
         elif node.target in dense:
             matches.append(_dense(node, config, roles, weight_sources))
+        elif node.target in BATCHED:
+            matches.append(_batched(node, config, roles, batched_weights))
         elif node.target == hf_fwd:
             input_, weight, offs = node.args[:3]
             matches.append(
@@ -160,17 +170,72 @@ def _grouped(node: fx.Node, config: Config, roles: Mapping[str, str]) -> GemmMat
     return _match(node, config, roles, role, layout, Operand(a), Operand(b), offs, out_dtype=out_dtype, extra=extra)
 
 
-def _dense_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
-    """``(A, B, bias)`` of ``mm(A, B)`` or ``addmm(bias, A, B)``."""
-    if node.target == aten.addmm.default:
+BATCHED = (aten.bmm.default, aten.baddbmm.default)
+# What a weight may pass through on its way into a batched GEMM: views and dtype casts (the
+# gathers are told apart: per-token weights).
+_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+_GATHERS = (aten.index.Tensor, aten.index_select.default, aten.embedding.default)
+
+
+def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """``(A, B, bias)`` of ``mm``/``bmm(A, B)`` or ``addmm``/``baddbmm(bias, A, B)``."""
+    if node.target in (aten.addmm.default, aten.baddbmm.default):
         bias, a, b = node.args[:3]
         return a, b, bias
     a, b = node.args[:2]
     return a, b, None
 
 
+def _weight_source(node: fx.Node) -> tuple[fx.Node | None, bool]:
+    """The graph input ``node`` views, casts or gathers (a parameter, in a module's graph) and
+    whether a gather is on the way (per-token weights); ``(None, False)`` for a computed node."""
+    gathered = False
+    while node.op == "call_function" and (node.target in VIEW_OPS or node.target in _CASTS or node.target in _GATHERS):
+        gathered |= node.target in _GATHERS
+        node = node.args[0]
+    return (node, gathered) if node.op == "placeholder" else (None, False)
+
+
+def _feeds_an_output(node: fx.Node) -> bool:
+    """Whether ``node``, through views and casts alone, is one of the graph's outputs (a
+    weight's gradient, in a joint graph)."""
+    frontier = [node]
+    while frontier:
+        for user in frontier.pop().users:
+            if user.op == "output":
+                return True
+            if user.target in VIEW_OPS or user.target in _CASTS:
+                frontier.append(user)
+    return False
+
+
+def _batched(node: fx.Node, config: Config, roles: Mapping[str, str], weights: set[fx.Node]) -> GemmMatch:
+    """``bmm``/``baddbmm``: experts applied as a batch (HF Llama4's ``(E, T, K) x (E, K, N)``).
+    The forward reads a weight as B; the dgrad reads one of the forward's weights; the wgrad
+    reads none and is a gradient output; anything else multiplies two activations."""
+    a, b, bias = _operands(node)
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    extra = None
+    if not is_backward(node):
+        role = Role.FORWARD
+        weight, gathered = _weight_source(b)
+        if weight is None:
+            extra = Skip(SkipReason.BATCHED_ACTIVATIONS, "neither operand is a weight")
+        elif gathered:
+            extra = Skip(SkipReason.GATHERED_WEIGHTS, f"B is gathered from {weight.name} per token")
+    elif _weight_source(a)[0] in weights or _weight_source(b)[0] in weights:
+        role = Role.DGRAD
+    else:
+        role = Role.WGRAD
+        if not _feeds_an_output(node):
+            extra = Skip(SkipReason.BATCHED_ACTIVATIONS, "its result is not a weight's gradient")
+    if extra is None and (beta != 1 or alpha != 1):
+        extra = Skip(SkipReason.UNSUPPORTED_ARGS, f"baddbmm with beta={beta}, alpha={alpha}")
+    return _match(node, config, roles, role, Layout.BATCHED, Operand(a), Operand(b), None, bias=bias, extra=extra)
+
+
 def _dense(node: fx.Node, config: Config, roles: Mapping[str, str], weight_sources: set[object]) -> GemmMatch:
-    a, b, bias = _dense_operands(node)
+    a, b, bias = _operands(node)
     extra = None
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     if beta != 1 or alpha != 1:
@@ -213,7 +278,9 @@ def _match(
         output=output,
         **_operand_bytes(a, b, layout, offs),
     )
-    decision = extra or _decide(config, role, layout, fqn, roles.get(fqn or node.name), a, b, offs)
+    module_role = roles.get(fqn or node.name)
+    # (a Skip is falsy: test for None)
+    decision = extra if extra is not None else _decide(config, role, layout, fqn, module_role, a, b, offs)
     return GemmMatch(site, decision, node, a, b, offs, bias, out_dtype or a.dtype, output)
 
 
@@ -284,7 +351,7 @@ def _decide(
     ``module_role`` is the evidence that the GEMM's module is a router or an output head."""
     if layout in (Layout.GROUPED_3D3D, Layout.GROUPED_3D2D):
         return Skip(SkipReason.UNSUPPORTED_LAYOUT, f"{layout.value} grouped_mm (batched)")
-    if layout is not Layout.DENSE:
+    if layout not in (Layout.DENSE, Layout.BATCHED):
         if offs is None:
             return Skip(SkipReason.UNSUPPORTED_ARGS, "grouped_mm without offs")
         if offs.meta["val"].dtype != torch.int32:
@@ -303,13 +370,13 @@ def _decide(
         if not config.allows_dtype(operand.dtype):
             return Skip(SkipReason.DTYPE, f"{name} is {operand.dtype}; allowed: {config.operand_dtypes}")
     # The weight is (K, N) for the forward, (N, K) for the dgrad and the wgrad's output (N, K).
-    weight_elements = (a.shape[0] if role is Role.WGRAD else a.shape[-1]) * b.shape[-1]
+    weight_elements = (a.shape[-2] if role is Role.WGRAD else a.shape[-1]) * b.shape[-1]
     if isinstance(weight_elements, int) and weight_elements < config.min_gemm_size:
         return Skip(SkipReason.TOO_SMALL, f"{weight_elements} < {config.min_gemm_size}")
     # 2Dx2D contracts over token groups, each padded to 32 by the quantization itself; any other
     # contraction that is not a multiple of 32 (or not known to be one) is zero-padded.
     contraction = a.shape[-1]
-    if layout is not Layout.GROUPED_2D2D and not known_multiple(contraction, BLOCK_SIZE):
+    if _pads_contraction(layout, role, contraction):
         known = "unknown at compile time" if isinstance(contraction, torch.SymInt) else "not a multiple of 32"
         return Convert(f"contraction {contraction} ({known}) zero-padded to a multiple of 32")
     return Convert()

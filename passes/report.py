@@ -33,6 +33,7 @@ class Layout(str, enum.Enum):
     GROUPED_2D2D = "2Dx2D"
     GROUPED_3D3D = "3Dx3D"
     GROUPED_3D2D = "3Dx2D"
+    BATCHED = "bmm"  # (E, T, K) x (E, K, N): experts as a batch of equal groups
     DENSE = "dense"
 
 
@@ -48,6 +49,11 @@ class SkipReason(str, enum.Enum):
     DTYPE = "operand dtype is not in Config.operand_dtypes"
     UNSUPPORTED_LAYOUT = "no MX path for this grouped GEMM layout"
     UNSUPPORTED_ARGS = "GEMM arguments the MX path does not take"
+    BATCHED_ACTIVATIONS = "a batched GEMM of two activations (attention scores or their gradients): no weight operand"
+    GATHERED_WEIGHTS = (
+        "weights gathered per token (HF's batched_mm experts, made for generation): convert them by training with "
+        "experts_implementation='grouped_mm'"
+    )
     TOO_SMALL = "weight has fewer elements than Config.min_gemm_size"
     TARGET_RULE = "the target's FP8 GEMM kernels cannot take these shapes (torch checks them at run time)"
     A2A_WGRAD_DEQUANT = (

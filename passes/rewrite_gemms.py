@@ -71,7 +71,7 @@ from mxfp8_compile import numerics
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes._graph import insert_call, insert_multi, insert_traced
 from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
-from mxfp8_compile.passes.report import Layout
+from mxfp8_compile.passes.report import Layout, Role
 
 mxfp8 = torch.ops.mxfp8
 aten = torch.ops.aten
@@ -90,12 +90,47 @@ def rewrite_gemms(
             # match still holds the node that an earlier rewrite erased.
             match = _resolved(match, replaced)
             nodes = _Nodes(graph, match, casts)
-            if match.pads_contraction:
-                match = _padded(match, nodes)
-            out = _EMITTERS[target](match, config, nodes)
+            gemm, batch_shape = _as_grouped(match, nodes) if match.site.layout is Layout.BATCHED else (match, None)
+            if gemm.pads_contraction:
+                gemm = _padded(gemm, nodes)
+            out = _EMITTERS[target](gemm, config, nodes)
+            if batch_shape is not None:
+                out = nodes.call(aten.view.default, out, batch_shape)
             if match.bias is not None:
                 out = nodes.call(aten.add.Tensor, out, match.bias)
             replaced[_replace(graph, match, out)] = out
+
+
+def _as_grouped(m: GemmMatch, n: _Nodes) -> tuple[GemmMatch, list[int] | None]:
+    """Batched GEMM ``m`` as the grouped GEMM of its flattened tokens (T per expert: equal
+    groups), and the shape to view its forward or dgrad output back to (None for the wgrad,
+    whose (E, K, N) output is the grouped wgrad's).
+
+    Forward and dgrad: A (E, T, K) as (E*T, K) against B (E, K, N): 2Dx3D. Wgrad: A = X^T with
+    X (E, T, K) and B = dY (E, T, N), as the 2Dx2D GEMM of X (E*T, K) transposed and dY (E*T, N).
+    """
+    a, b = m.a.node, m.b.node
+    with_tokens = b if m.site.role is Role.WGRAD else a  # dim 1 of it
+    experts, tokens = a.meta["val"].shape[0], with_tokens.meta["val"].shape[1]
+    if isinstance(tokens, torch.SymInt):
+        tokens = n.call(aten.sym_size.int, with_tokens, 1)
+    ends = n.call(aten.arange.start, 1, experts + 1, dtype=torch.int32, device=a.meta["val"].device)
+    offs = n.call(aten.mul.Tensor, ends, tokens)
+    if m.site.role is Role.WGRAD:
+        x = _token_rows(n, n.transposed(a))
+        layout, operands, batch_shape = Layout.GROUPED_2D2D, (Operand(x, True), Operand(_token_rows(n, b))), None
+    else:
+        n_out = b.meta["val"].shape[-1]
+        layout, operands, batch_shape = Layout.GROUPED_2D3D, (Operand(_token_rows(n, a)), m.b), [experts, -1, n_out]
+    site = dataclasses.replace(m.site, layout=layout)
+    return dataclasses.replace(m, site=site, a=operands[0], b=operands[1], offs=offs, bias=None), batch_shape
+
+
+def _token_rows(n: _Nodes, x: fx.Node) -> fx.Node:
+    """(E, T, D) ``x`` as (E*T, D): a view, after a copy if ``x`` is not contiguous."""
+    if not x.meta["val"].is_contiguous():
+        x = n.call(aten.clone.default, x, memory_format=torch.contiguous_format)
+    return n.call(aten.view.default, x, [-1, x.meta["val"].shape[-1]])
 
 
 def _padded(m: GemmMatch, n: _Nodes) -> GemmMatch:
@@ -206,8 +241,8 @@ class _Nodes:
         self.graph, self.gemm, self.provenance = graph, m.node, f"rewrite_gemms:{m.site.label}"
         self.casts = casts
 
-    def call(self, target: object, *args: object) -> fx.Node:
-        return insert_call(self.graph, target, args, like=self.gemm, provenance=self.provenance)
+    def call(self, target: object, *args: object, **kwargs: object) -> fx.Node:
+        return insert_call(self.graph, target, args, like=self.gemm, provenance=self.provenance, kwargs=kwargs)
 
     def multi(self, target: object, *args: object) -> list[fx.Node]:
         return insert_multi(self.graph, target, args, like=self.gemm, provenance=self.provenance)

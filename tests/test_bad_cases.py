@@ -89,6 +89,18 @@ def test_3d_x_3d_grouped_mm_has_no_mx_path() -> None:
     assert torch.equal(out, torch._grouped_mm(a, b))
 
 
+def test_addmm_with_beta_and_alpha_stays_exact() -> None:
+    # A scaled bias or product has no MX path: the GEMM stays as it was, to the bit.
+    def scaled(bias: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(bias, x, w, beta=0.5, alpha=2.0)
+
+    args = (torch.randn(64, dtype=BF16), torch.randn(32, 64, dtype=BF16), torch.randn(64, 64, dtype=BF16))
+    out = torch.compile(scaled, backend=mxfp8_compile.backend(inductor=False))(*args)
+    (site, decision), = mxfp8_compile.last_report().skipped()
+    assert decision.reason is SkipReason.UNSUPPORTED_ARGS and "beta=0.5, alpha=2.0" in str(decision)
+    assert torch.equal(out, scaled(*args))
+
+
 def test_graph_without_gemms_is_left_alone() -> None:
     graphs = {}
 

@@ -207,6 +207,19 @@ def test_mxint8_along_another_dim_and_bad_input() -> None:
         to_mxint8(torch.randn(4, 40))
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 100), st.integers(0, 1))
+def test_pad_to_block_appends_zeros_and_keeps_the_dot_products(size: int, dim: int) -> None:
+    # small integers: every sum is exact, whatever order a GEMM adds in
+    x = torch.randint(-8, 8, (3, size) if dim == 1 else (size, 3)).float()
+    padded = numerics.pad_to_block(x, dim)
+    assert padded.shape[dim] % 32 == 0 and padded.shape[dim] - size < 32 and padded.data_ptr() != x.data_ptr()
+    assert torch.equal(padded.narrow(dim, 0, size), x)
+    assert not padded.narrow(dim, size, padded.shape[dim] - size).any()
+    if dim == 1:  # a contraction over the padded dim is the same
+        assert torch.equal(padded @ numerics.pad_to_block(x.t(), 0), x @ x.t())
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(0, 5))
 def test_unpad_token_groups_inverts_pad_token_groups(sizes: list[int], past: int) -> None:

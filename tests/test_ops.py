@@ -44,6 +44,8 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
     rsa = f32(rsa)
     return [
         (ops.quantize, (x,), {}),
+        (ops.pad_to_block, (x[:, :40], -1), {}),
+        (ops.pad_to_block, (w.transpose(-2, -1)[:, :50], 1), {}),
         (ops.quantize, (w.float(),), {"dim": 1, "mode": "floor"}),
         (ops.quantize_token_groups, (x, offs), {"mode": "floor"}),
         (ops.quantize_token_groups_transposed, (dy, offs), {}),

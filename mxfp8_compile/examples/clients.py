@@ -7,7 +7,7 @@ import os
 
 import torch
 
-HF_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
+HF_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "llama4")
 
 
 def hf_model(family: str, dtype: torch.dtype = torch.bfloat16, *, moe_layers: int = 2, hidden: int = 512) -> torch.nn.Module:
@@ -38,6 +38,11 @@ def hf_model(family: str, dtype: torch.dtype = torch.bfloat16, *, moe_layers: in
             qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
         )
         cls = transformers.DeepseekV3ForCausalLM
+    elif family == "llama4":  # text only; its experts are torch.bmm on (E, tokens, hidden) views
+        cfg = transformers.Llama4TextConfig(**common, num_hidden_layers=moe_layers, head_dim=128, intermediate_size=128,
+                                            intermediate_size_mlp=256, num_local_experts=8, num_experts_per_tok=1,
+                                            interleave_moe_layer_step=1)
+        cls = transformers.Llama4ForCausalLM
     else:
         raise ValueError(f"unknown HF family {family!r}; known: {', '.join(HF_FAMILIES)}")
     torch.manual_seed(0)

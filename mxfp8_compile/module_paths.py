@@ -12,6 +12,12 @@ where the graph's parameters sit in it, by identity, less their paths in the fra
 One compiled frame may serve several modules of one class (Dynamo guards on the code, not on
 which expert runs it): ``FramePlace.alike`` lists the paths of those modules, so that rules by
 path that would treat them differently can say so.
+
+It also keeps which of a model's parameters its compiled graphs read: a GEMM whose weight no
+graph reads runs outside every graph (HF's ``eager`` experts loop over a data-dependent list of
+experts, which Dynamo leaves to Python), so the plugin never sees it. ``unread_weights(model)``
+names those modules; a model compiled with ``torch.compile(model)`` warns once when it has any,
+after its second call (the first compiles, and hooks added during a call run from the next).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch.fx as fx
@@ -31,20 +39,78 @@ from mxfp8_compile.passes._graph import FRAME, FramePlace, normalize_fqn
 _MODULE_CALLS = frozenset({nn.Module._call_impl.__code__, nn.Module._wrapped_call_impl.__code__})
 
 
-def _calling_model() -> nn.Module | None:
+def _calling_model() -> tuple[nn.Module | None, OptimizedModule | None]:
     """The model being run: the module that ``torch.compile`` wrapped (the innermost
-    ``OptimizedModule`` being called on the Python stack), else the outermost module being called
-    (``model.compile()``, or a compiled function calling modules)."""
+    ``OptimizedModule`` being called on the Python stack, returned too), else the outermost
+    module being called (``model.compile()``, or a compiled function calling modules)."""
     outermost = None
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code in _MODULE_CALLS:
             module = frame.f_locals.get("self")
             if isinstance(module, OptimizedModule):
-                return module._orig_mod
+                return module._orig_mod, module
             outermost = module
         frame = frame.f_back
-    return outermost
+    return outermost, None
+
+
+# Ids of the parameters each model's compiled graphs have read, and the compiled wrappers that
+# check, after their first call, for weights no graph read.
+_READ: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
+_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _record_read(model: nn.Module, gm: fx.GraphModule, place: FramePlace) -> None:
+    """Note the parameters ``gm`` reads, and, for a frame compiled inside a module, the same
+    parameters of the modules of its class (Dynamo runs them through this graph, compiling
+    nothing more)."""
+    params = _graph_params(gm)
+    read = _READ.setdefault(model, set())
+    read.update(id(p) for p in params.values())
+    if place.path and place.alike:
+        by_name = {normalize_fqn(name): p for name, p in model.named_parameters()}
+        relative = [normalize_fqn(_source_name(node) or "") for node in params]
+        read.update(id(by_name[f"{alike}.{r}"]) for alike in place.alike for r in relative if f"{alike}.{r}" in by_name)
+
+
+def unread_weights(model: nn.Module) -> dict[str, list[str]]:
+    """``{module path: [parameter names]}`` of the GEMM weights (parameters of 2 dims or more,
+    but an embedding's table) of ``model`` that none of its compiled graphs read, so far."""
+    read = _READ.get(model, set())
+    unread: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2 and id(param) not in read:
+                unread.setdefault(normalize_fqn(path), []).append(name)
+    return unread
+
+
+def describe_unread(unread: dict[str, list[str]]) -> str:
+    """One sentence naming the modules of ``unread_weights`` and the ways out."""
+    names = [f"{module or '(model)'} ({', '.join(params)})" for module, params in unread.items()]
+    listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    modules = "1 module" if len(names) == 1 else f"{len(names)} modules"
+    return (f"no compiled graph read the weights of {modules}: {listed}. Their GEMMs run outside "
+            "the graphs, in bf16, unseen by the plugin: a graph break (an expert loop over torch.where or "
+            "nonzero; TORCH_LOGS=graph_breaks shows it) left that code to Python. For HF models, "
+            "experts_implementation='grouped_mm' keeps the experts in the graph")
+
+
+def _warn_once_after_a_call(wrapper: OptimizedModule, model: nn.Module) -> None:
+    """Check ``model`` after ``wrapper``'s next call (its hooks run outside Dynamo)."""
+    if wrapper in _CHECKED:
+        return
+    _CHECKED.add(wrapper)
+
+    def check(*_: object) -> None:
+        handle.remove()
+        if unread := unread_weights(model):
+            warnings.warn(f"mxfp8_compile: {describe_unread(unread)}", stacklevel=2)
+
+    handle = wrapper.register_forward_hook(check)
 
 
 def _source_name(node: fx.Node) -> str | None:
@@ -55,10 +121,15 @@ def _source_name(node: fx.Node) -> str | None:
     return source.name() if callable(source.name) else source.name  # a method before torch 2.13
 
 
+def _graph_params(gm: fx.GraphModule) -> dict[fx.Node, nn.Parameter]:
+    """The parameters a Dynamo graph takes, by placeholder."""
+    return {n: n.meta["grapharg"].example for n in gm.graph.find_nodes(op="placeholder")
+            if isinstance(getattr(n.meta.get("grapharg"), "example", None), nn.Parameter)}
+
+
 def find_place(gm: fx.GraphModule, model: nn.Module | None) -> FramePlace:
     """Where the frame of Dynamo graph ``gm`` sits in ``model``."""
-    params = [(n, n.meta["grapharg"].example) for n in gm.graph.find_nodes(op="placeholder")
-              if isinstance(getattr(n.meta.get("grapharg"), "example", None), nn.Parameter)]
+    params = list(_graph_params(gm).items())
     if model is None or not params:
         return FramePlace("")  # no module's parameters: nothing to place
     names: dict[int, list[str]] = {}  # tied weights have several
@@ -91,7 +162,12 @@ def frame_place(gm: fx.GraphModule) -> Iterator[FramePlace]:
     if _PLACING.get():
         yield FRAME.get()
         return
-    place = find_place(gm, _calling_model())
+    model, wrapper = _calling_model()
+    place = find_place(gm, model)
+    if model is not None:
+        _record_read(model, gm, place)
+        if wrapper is not None:
+            _warn_once_after_a_call(wrapper, model)
     tokens = FRAME.set(place), _PLACING.set(True)
     try:
         yield place

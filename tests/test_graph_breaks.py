@@ -146,3 +146,34 @@ def test_paths_whose_place_is_unknown_are_marked_and_rules_warn() -> None:
             torch.randn(32, DIM, dtype=torch.bfloat16))
     paths = {e.site.fqn for r in mxfp8_compile.reports()[earlier:] for e in r.entries}
     assert paths == {"?.hidden.w1", "?.hidden.w2", "?.hidden.w3"}
+
+
+def test_weights_no_graph_reads_are_named() -> None:
+    # The loops break and Dynamo leaves them, and so the routers, to Python; the experts' frames
+    # are compiled once and run for every expert.
+    torch.manual_seed(0)
+    model = Model().to(torch.bfloat16)
+    x = torch.randn(96, DIM, dtype=torch.bfloat16)
+    compiled = torch.compile(model, backend=mxfp8_compile.backend(inductor=False))
+    torch._dynamo.reset()
+    compiled(x)  # compiles; the check runs after the next call
+    with pytest.warns(UserWarning, match=r"no compiled graph read the weights of 2 modules: layers\.0\.moe\.gate "
+                                         r"\(weight\), layers\.1\.moe\.gate \(weight\)\. .*experts_implementation"):
+        compiled(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mxfp8_compile")
+        compiled(x)  # once
+    summary = mxfp8_compile.dump(model, x).summary
+    assert summary.splitlines()[-1].startswith(
+        "weights outside the graphs: no compiled graph read the weights of 2 modules: layers.0.moe.gate (weight)")
+
+
+def test_a_graph_that_reads_every_weight_says_nothing() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mxfp8_compile: no compiled graph")
+        torch.manual_seed(0)
+        model = Model().to(torch.bfloat16)
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            compiled = torch.compile(model, backend=mxfp8_compile.backend(inductor=False))
+            for _ in range(2):
+                compiled(torch.randn(96, DIM, dtype=torch.bfloat16))

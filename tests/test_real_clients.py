@@ -86,6 +86,18 @@ def test_hf_numerics_against_eager(family: str, dtype: torch.dtype) -> None:
     assert result.worst_weight[1] >= 21, result.worst_weight
 
 
+def test_hf_eager_experts_are_named_as_outside_every_graph() -> None:
+    # HF's `eager` experts loop over the experts hit (a nonzero): Dynamo leaves the loop to Python.
+    model = hf_model("mixtral", moe_layers=1)
+    model.config._experts_implementation = "eager"
+    embeds = model.get_input_embeddings()(torch.randint(0, 1000, (2, 32))).detach()
+    compiled = torch.compile(EmbedsToLogits(model), backend=mxfp8_compile.backend(inductor=False))
+    compiled(embeds)
+    with pytest.warns(UserWarning, match=r"weights of 1 module: model\.model\.layers\.0\.mlp\.experts \(gate_up_proj, "
+                                         r"down_proj\).*experts_implementation='grouped_mm'"):
+        compiled(embeds)
+
+
 def _compile_blocks(config: Config):
     """torchtitan's recipe: each transformer block compiled on its own with fullgraph=True."""
 

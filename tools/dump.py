@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ import torch.fx as fx
 
 from mxfp8_compile.backend import aot_backend
 from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, A2A_WIRE_FORMATS, KEEP_BF16_ROLES, Config
+from mxfp8_compile.module_paths import describe_unread, unread_weights
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.hoist_quantize import a2a_payloads
 from mxfp8_compile.passes.report import PassReport, format_bytes
@@ -123,9 +125,10 @@ def dump(
     say(f"compiling {name} ({mode}) with backend mxfp8 ...")
     graphs: list[tuple[str, fx.GraphModule]] = []
     earlier = len(_report.reports())
-    with _report.capture_graphs(), planning():
-        _run(copy.deepcopy(model), example_inputs,
-             aot_backend(config, lambda kind, gm: graphs.append((kind, gm))), train)
+    compiled_model = copy.deepcopy(model)
+    with _report.capture_graphs(), planning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="mxfp8_compile: no compiled graph read")  # the summary says it
+        _run(compiled_model, example_inputs, aot_backend(config, lambda kind, gm: graphs.append((kind, gm))), train)
     new_reports = _report.reports()[earlier:]
     rewritten = [gm for kind, gm in graphs if kind in ("joint", "inference")]
     dumps = [GraphDump(r, gm) for r, gm in zip(new_reports, rewritten)]
@@ -137,6 +140,8 @@ def dump(
         by_dtype = tuple(saved_for_backward(gm for kind, gm in run if kind == "backward")
                          for run in (baseline_graphs, graphs))
     summary = _summary(name, mode, dumps, by_dtype, baseline_graphs, graphs)
+    if unread := unread_weights(compiled_model):
+        summary += f"\nweights outside the graphs: {describe_unread(unread)}"
     result = DumpResult(dumps, summary, by_dtype, Path(out) if out is not None else None)
     if out is not None:
         _remove_earlier_dump(Path(out))

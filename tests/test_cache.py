@@ -114,11 +114,10 @@ def test_an_artifact_from_the_cache_runs_in_a_fresh_process(tmp_path: Path) -> N
 
 ENABLED_RUN = """
 import torch, mxfp8_compile
-from mxfp8_compile.examples.moe import MoEConfig, build
 torch.manual_seed(0)
-model, (x,) = build(MoEConfig(layers=1))
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).bfloat16()
 with mxfp8_compile.enabled():
-    torch.compile(model)(x).float().pow(2).mean().backward()
+    torch.compile(model)(torch.randn(32, 64, dtype=torch.bfloat16)).float().pow(2).mean().backward()
 report = mxfp8_compile.last_report()
 print(report.from_cache, len(report.converted()), len(report.entries))
 """
@@ -129,4 +128,4 @@ def test_enabled_reports_the_same_decisions_when_the_second_run_hits_the_cache(t
     # README's "Using it": the second run of a script compiles nothing and still has its report.
     cold, warm = _run_twice(ENABLED_RUN, tmp_path)
     assert cold[0] == "False" and warm[0] == "True"
-    assert cold[1:] == warm[1:] and int(cold[1]) > 20
+    assert cold[1:] == warm[1:] == ["5", "5"]  # two forwards, two wgrads, one dgrad (x needs none)

@@ -4,9 +4,10 @@ A graph break inside a module (a Mixtral-style expert loop breaking at ``torch.w
 Dynamo compile the rest of that module's code, and the modules it calls, as frames of their
 own: their module paths are relative to the frame (``w1``, not
 ``layers.3.moe.experts.2.w1``), and ``Config.include_fqns``/``exclude_fqns`` would match the
-wrong strings. ``frame_place(gm)`` finds where the frame sits: the model is the outermost
-``nn.Module`` being called on the Python stack (the compiled model's), and the frame's place is
-where the graph's parameters sit in it, by identity, less their paths in the frame. It sets
+wrong strings. ``frame_place(gm)`` finds where the frame sits: the model is the module that
+``torch.compile`` wrapped (else the outermost module being called on the Python stack), and the
+frame's place is where the graph's parameters sit in it, by identity, less their paths in the
+frame. It sets
 ``passes._graph.FRAME`` for the passes, which make every path absolute with it.
 
 One compiled frame may serve several modules of one class (Dynamo guards on the code, not on

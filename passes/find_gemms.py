@@ -103,8 +103,8 @@ def find_gemms(graph: fx.Graph, config: Config) -> list[GemmMatch]:
     gemms = [n for n in graph.nodes if n.op == "call_function"
              and (n.target in dense or n.target in BATCHED or n.target in (aten._grouped_mm.default, hf_fwd, hf_bwd))]
     weight_sources = {view_source(_operands(n)[1]) for n in gemms if n.target in dense and not is_backward(n)}
-    batched_weights = {w for n in gemms if n.target in BATCHED and not is_backward(n)
-                       if (w := _weight_source(_operands(n)[1])[0]) is not None}
+    batched_weights = {w for n in gemms if n.target in BATCHED and not is_backward(n) for operand in _operands(n)[:2]
+                       if (w := _weight_source(operand)[0]) is not None}
     roles = module_roles([n for n in gemms if not is_backward(n)], set(gemms), config.keep_bf16_roles)
     matches: list[GemmMatch] = []
     for node in gemms:
@@ -212,19 +212,22 @@ def _feeds_an_output(node: fx.Node) -> bool:
 def _batched(node: fx.Node, config: Config, roles: Mapping[str, str], weights: set[fx.Node]) -> GemmMatch:
     """``bmm``/``baddbmm``: experts applied as a batch (HF Llama4's ``(E, T, K) x (E, K, N)``).
     The forward reads a weight as B; the dgrad reads one of the forward's weights; the wgrad
-    reads none and is a gradient output; anything else multiplies two activations."""
+    reads none and is a gradient output; anything else multiplies two activations. Weights
+    gathered per token (HF's ``batched_mm``, as A or as B) stay bf16 in the forward and the dgrad."""
     a, b, bias = _operands(node)
+    (a_weight, a_gathered), (b_weight, b_gathered) = _weight_source(a), _weight_source(b)
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     extra = None
-    if not is_backward(node):
-        role = Role.FORWARD
-        weight, gathered = _weight_source(b)
-        if weight is None:
+    if a_gathered or b_gathered:
+        role = Role.DGRAD if is_backward(node) else Role.FORWARD
+        which, weight = ("A", a_weight) if a_gathered else ("B", b_weight)
+        extra = Skip(SkipReason.GATHERED_WEIGHTS, f"{which} is gathered from {weight.name} per token")
+    elif not is_backward(node) or a_weight in weights or b_weight in weights:
+        role = Role.DGRAD if is_backward(node) else Role.FORWARD
+        if b_weight is None and a_weight is None:
             extra = Skip(SkipReason.BATCHED_ACTIVATIONS, "neither operand is a weight")
-        elif gathered:
-            extra = Skip(SkipReason.GATHERED_WEIGHTS, f"B is gathered from {weight.name} per token")
-    elif _weight_source(a)[0] in weights or _weight_source(b)[0] in weights:
-        role = Role.DGRAD
+        elif b_weight is None:  # bmm(W, x): the MX path takes the weight as B
+            extra = Skip(SkipReason.UNSUPPORTED_LAYOUT, f"the weight {a_weight.name} is A, not B")
     else:
         role = Role.WGRAD
         if not _feeds_an_output(node):

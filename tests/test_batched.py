@@ -78,19 +78,27 @@ def test_bmm_experts_convert_and_attention_stays_bf16(capability, monkeypatch: p
 
 
 class GatheredExperts(nn.Module):
-    """HF's ``batched_mm`` experts: each token's expert weights gathered, then one bmm."""
+    """HF's ``batched_mm`` experts: each token's expert weights gathered, then one bmm, with the
+    weight as B (``is_transposed=True``, gpt-oss) or as A (the default, Mixtral)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weight_as_a: bool) -> None:
         super().__init__()
+        self.weight_as_a = weight_as_a
         self.weight = nn.Parameter(torch.randn(E, DIM, HIDDEN) / DIM**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expert = torch.arange(x.shape[0]) % E
+        if self.weight_as_a:
+            return torch.bmm(self.weight[expert].transpose(1, 2), x.unsqueeze(-1)).squeeze(-1)
         return torch.bmm(x.unsqueeze(1), self.weight[expert]).squeeze(1)
 
 
-def test_weights_gathered_per_token_stay_bf16_with_the_way_out() -> None:
-    _, report = _train(GatheredExperts().to(BF16), Config())
-    (forward,) = [e for e in report.entries if e.site.layout is Layout.BATCHED and e.site.role.value == "forward"]
-    assert forward.decision.reason is SkipReason.GATHERED_WEIGHTS
-    assert "experts_implementation='grouped_mm'" in str(forward.decision)
+@pytest.mark.parametrize("weight_as_a", [False, True], ids=["weight_as_b", "weight_as_a"])
+def test_weights_gathered_per_token_stay_bf16_with_the_way_out(weight_as_a: bool) -> None:
+    _, report = _train(GatheredExperts(weight_as_a).to(BF16), Config())
+    batched = [e for e in report.entries if e.site.layout is Layout.BATCHED]
+    # the forward and the dgrad read the gathered weights; the weight's gradient is an outer
+    # product per token (a contraction of 1), not a GEMM
+    assert sorted(e.site.role.value for e in batched) == ["dgrad", "forward"]
+    assert all(e.decision.reason is SkipReason.GATHERED_WEIGHTS for e in batched), report.to_text()
+    assert "experts_implementation='grouped_mm'" in str(batched[0].decision)

@@ -349,6 +349,14 @@ def recorded() -> int:
     return _RECORDED
 
 
+def reports_since(mark: int) -> list[PassReport]:
+    """The reports recorded after ``recorded()`` returned ``mark``, oldest first (as many as the
+    history still holds). Slicing ``reports()`` by its length instead finds nothing once the
+    history is full."""
+    count = _RECORDED - mark
+    return list(_HISTORY)[-count:] if count > 0 else []
+
+
 def last_report() -> PassReport | None:
     """The report of the most recently compiled graph, or None if nothing was compiled.
 

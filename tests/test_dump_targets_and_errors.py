@@ -76,3 +76,15 @@ def test_dump_takes_a_bare_tensor() -> None:
     result = mxfp8_compile.dump(linear, torch.randn(16, 64, dtype=torch.bfloat16), train=False)
     (report,) = result.reports
     assert [(e.site.shapes, e.converted) for e in report.entries] == [((("16", "64"), ("64", "32")), True)]
+
+
+def test_dump_after_the_report_history_is_full() -> None:
+    # a long session fills reports()' bounded history; the dump still finds its own reports
+    from mxfp8_compile.passes import report as _report
+
+    for _ in range(300):
+        _report.record(_report.PassReport(graph="inference", target="emulated", config=""))
+    linear = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+    result = mxfp8_compile.dump(linear, torch.randn(16, 64, dtype=torch.bfloat16), train=False)
+    (report,) = result.reports
+    assert [e.converted for e in report.entries] == [True]

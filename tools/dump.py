@@ -124,12 +124,12 @@ def dump(
 
     say(f"compiling {name} ({mode}) with backend mxfp8 ...")
     graphs: list[tuple[str, fx.GraphModule]] = []
-    earlier = len(_report.reports())
+    mark = _report.recorded()
     compiled_model = copy.deepcopy(model)
     with _report.capture_graphs(), planning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="mxfp8_compile: no compiled graph read")  # the summary says it
         _run(compiled_model, example_inputs, aot_backend(config, lambda kind, gm: graphs.append((kind, gm))), train)
-    new_reports = _report.reports()[earlier:]
+    new_reports = _report.reports_since(mark)
     rewritten = [gm for kind, gm in graphs if kind in ("joint", "inference")]
     dumps = [GraphDump(r, gm) for r, gm in zip(new_reports, rewritten)]
     if not any(r.entries for r in new_reports):

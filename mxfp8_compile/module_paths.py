@@ -62,17 +62,17 @@ _READ: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionar
 _CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def _record_read(model: nn.Module, gm: fx.GraphModule, place: FramePlace) -> None:
+def _record_read(model: nn.Module, gm: fx.GraphModule, place: FramePlace, names: dict[int, list[str]]) -> None:
     """Note the parameters ``gm`` reads, and, for a frame compiled inside a module, the same
     parameters of the modules of its class (Dynamo runs them through this graph, compiling
-    nothing more)."""
+    nothing more). ``names`` is ``_parameter_names(model)``."""
     params = _graph_params(gm)
     read = _READ.setdefault(model, set())
     read.update(id(p) for p in params.values())
     if place.path and place.alike:
-        by_name = {normalize_fqn(name): p for name, p in model.named_parameters()}
+        by_name = {name: pid for pid, aliases in names.items() for name in aliases}
         relative = [normalize_fqn(_source_name(node) or "") for node in params]
-        read.update(id(by_name[f"{alike}.{r}"]) for alike in place.alike for r in relative if f"{alike}.{r}" in by_name)
+        read.update(by_name[f"{alike}.{r}"] for alike in place.alike for r in relative if f"{alike}.{r}" in by_name)
 
 
 def unread_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -128,14 +128,19 @@ def _graph_params(gm: fx.GraphModule) -> dict[fx.Node, nn.Parameter]:
             if isinstance(getattr(n.meta.get("grapharg"), "example", None), nn.Parameter)}
 
 
-def find_place(gm: fx.GraphModule, model: nn.Module | None) -> FramePlace:
-    """Where the frame of Dynamo graph ``gm`` sits in ``model``."""
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): its paths in model}`` (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(normalize_fqn(name))
+    return names
+
+
+def find_place(gm: fx.GraphModule, model: nn.Module | None, names: dict[int, list[str]]) -> FramePlace:
+    """Where the frame of Dynamo graph ``gm`` sits in ``model`` (``names``: ``_parameter_names(model)``)."""
     params = list(_graph_params(gm).items())
     if model is None or not params:
         return FramePlace("")  # no module's parameters: nothing to place
-    names: dict[int, list[str]] = {}  # tied weights have several
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(normalize_fqn(name))
     prefixes: set[str] | None = None
     for node, param in params:
         relative = normalize_fqn(_source_name(node) or "")
@@ -164,9 +169,10 @@ def frame_place(gm: fx.GraphModule) -> Iterator[FramePlace]:
         yield FRAME.get()
         return
     model, wrapper = _calling_model()
-    place = find_place(gm, model)
+    names = _parameter_names(model) if model is not None else {}
+    place = find_place(gm, model, names)
     if model is not None:
-        _record_read(model, gm, place)
+        _record_read(model, gm, place, names)
         if wrapper is not None:
             _warn_once_after_a_call(wrapper, model)
     tokens = FRAME.set(place), _PLACING.set(True)

@@ -46,3 +46,13 @@ def test_family(family: str) -> None:
         f"the README's row for {family} is not what was measured: "
         f"python -m mxfp8_compile.tools.family_table --write README.md {family}"
     )
+
+
+@pytest.mark.slow
+def test_write_replaces_only_the_rows_measured(tmp_path: pathlib.Path) -> None:
+    readme = tmp_path / "README.md"
+    text = README.read_text()
+    stale = text.replace(family_table.readme_rows(text)["mixtral"], "| mixtral | stale | | |")
+    readme.write_text(stale)
+    assert family_table.main(["--write", str(readme), "mixtral"]) == 0
+    assert readme.read_text() == text  # the mixtral row measured again, every other line as it was

@@ -32,9 +32,18 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import mxfp8_compile
+from mxfp8_compile import module_paths
+from mxfp8_compile.examples import hf_families
+from mxfp8_compile.numerics import sqnr as db
+from mxfp8_compile.passes import report
+
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
 HEADER = "| family | `grouped_mm` | `batched_mm` | `eager` |\n|---|---|---|---|"
 TOKENS = 64
+
+
+_SHORT = {"GATHERED_WEIGHTS": "weights gathered per token", "TARGET_RULE": "target rule"}
 
 
 @dataclasses.dataclass
@@ -54,83 +63,57 @@ class Cell:
         return f"{self.converted}/{self.present}" + (f": {', '.join(why)}" if why else "")
 
 
-_SHORT = {"GATHERED_WEIGHTS": "weights gathered per token", "TARGET_RULE": "target rule"}
-
-
 def measure(family: str, implementation: str) -> Cell:
     """Compile ``family``'s first MoE block under ``implementation`` and account for its expert GEMMs."""
-    import mxfp8_compile
-    from mxfp8_compile import module_paths
-    from mxfp8_compile.passes import report
-    from mxfp8_compile.examples import hf_families
-
-    model = hf_families.tiny_model(family, implementation)
-    _, block, args, kwargs = hf_families.moe_block_call(model, TOKENS)
-    experts = hf_families.experts_modules(block)
+    call = hf_families.moe_block_call(hf_families.tiny_model(family, implementation), TOKENS)
+    experts = hf_families.experts_modules(call.block)
     weights = [(path, name) for path, m in experts for name, p in m.named_parameters(recurse=False) if p.dim() == 3]
 
-    target = torch.randn(_hidden(args, kwargs).shape, generator=torch.Generator().manual_seed(1))
-    reference = copy.deepcopy(block)
+    target = torch.randn(call.hidden.shape, generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(call.block)
     torch._dynamo.reset()
     mark = report.recorded()
     # the experts only (torchao's scope): the router sees the same bf16 input in both runs, so
     # no top-k choice flips and the SQNRs measure the expert GEMMs
     config = mxfp8_compile.Config(include_fqns=tuple(path for path, _ in experts))
-    compiled = torch.compile(block, backend=mxfp8_compile.backend(config, inductor=False))
+    compiled = torch.compile(call.block, backend=mxfp8_compile.backend(config, inductor=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unread-weights warning: counted below instead
-        out, dx = _step(compiled, args, kwargs, target)
-    ref_out, ref_dx = _step(reference, args, kwargs, target)
+        out, dx = _step(call, compiled, target)
+    ref_out, ref_dx = _step(call, reference, target)
 
     entries = [
         e for r in report.reports_since(mark) for e in r.entries
         if any(e.site.fqn == path or e.site.fqn.startswith(path + ".") for path, _ in experts)
     ]
-    unread = module_paths.unread_weights(block)
+    unread = module_paths.unread_weights(call.block)
     unseen = sum(3 * hf_families.EXPERTS for path, name in weights if name in unread.get(path, ()))
     kept = collections.Counter(e.decision.reason.name for e in entries if not e.converted)
     converted = sum(e.converted for e in entries)
     sqnr = {}
     if converted:
-        from mxfp8_compile.numerics import sqnr as db
-
         sqnr = {"output": db(ref_out, out), "input grad": db(ref_dx, dx)}
-        ref_params, params = dict(reference.named_parameters()), dict(block.named_parameters())
+        ref_params, params = dict(reference.named_parameters()), dict(call.block.named_parameters())
         for path, name in weights:
             full = f"{path}.{name}" if path else name
             sqnr[full] = db(ref_params[full].grad, params[full].grad)
     return Cell(len(entries) + unseen, converted, kept, unseen, sqnr)
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(a for a in args if isinstance(a, torch.Tensor))
-
-
-def _step(block: torch.nn.Module, args: tuple, kwargs: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and hidden-state grad of one forward and backward of ``block`` on the captured call."""
-    x = _hidden(args, kwargs).clone().requires_grad_()
-    if "hidden_states" in kwargs:
-        kwargs = {**kwargs, "hidden_states": x}
-    else:
-        i = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        args = (*args[:i], x, *args[i + 1:])
-    out = block(*args, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out  # some blocks also return router logits
-    out = out.reshape(target.shape)  # some return their tokens flattened (Ernie 4.5 VL)
+def _step(call: hf_families.BlockCall, module: torch.nn.Module, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and hidden-state grad of one forward and backward of ``module`` called as ``call``."""
+    x = call.hidden.clone().requires_grad_()
+    out = call.run(module, x)
     F.mse_loss(out.float(), target).backward()
     return out.detach(), x.grad
 
 
 def row(family: str, cells: dict[str, Cell]) -> str:
     """The table's row for ``family``."""
-    from mxfp8_compile.examples import hf_families
-
     return f"| {family} | " + " | ".join(cells[i].text() for i in hf_families.IMPLEMENTATIONS) + " |"
 
 
 def measure_family(family: str) -> dict[str, Cell]:
-    from mxfp8_compile.examples import hf_families
-
     return {impl: measure(family, impl) for impl in hf_families.IMPLEMENTATIONS}
 
 
@@ -143,8 +126,6 @@ def readme_rows(readme: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mxfp8_compile.examples import hf_families
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("families", nargs="*", help="default: every family with the experts interface")
     parser.add_argument("--write", metavar="README", help="replace the table between the markers in this file")

@@ -17,6 +17,7 @@ dropout or router jitter (random in training mode).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -130,11 +131,39 @@ def experts_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
     return [(name, m) for name, m in module.named_modules() if _is_experts(m)]
 
 
-def moe_block_call(model: torch.nn.Module, tokens: int = 64) -> tuple[str, torch.nn.Module, tuple, dict]:
-    """The first module that owns an experts module (the MoE block: router, experts, shared
-    experts; in some families the whole decoder layer), and the arguments the model calls it
-    with on a batch of ``(2, tokens // 2)`` token ids, detached. The hidden states are its first
-    tensor argument."""
+@dataclasses.dataclass
+class BlockCall:
+    """How a model called its first MoE block (the module that owns an experts module: router,
+    experts, shared experts; in some families the whole decoder layer), tensors detached."""
+
+    path: str
+    block: torch.nn.Module
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The hidden states: ``hidden_states=`` or the first tensor argument."""
+        if "hidden_states" in self.kwargs:
+            return self.kwargs["hidden_states"]
+        return next(a for a in self.args if isinstance(a, torch.Tensor))
+
+    def run(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module`` (the block, or a compiled copy) called the same way on hidden states ``x``;
+        its output hidden states, shaped as ``x``."""
+        args, kwargs = self.args, self.kwargs
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": x}
+        else:
+            i = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            args = (*args[:i], x, *args[i + 1:])
+        out = module(*args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out  # some blocks also return router logits
+        return out.reshape(x.shape)  # some return their tokens flattened (Ernie 4.5 VL)
+
+
+def moe_block_call(model: torch.nn.Module, tokens: int = 64) -> BlockCall:
+    """``model``'s first MoE block and how ``model`` calls it on ``(2, tokens // 2)`` token ids."""
     path, block = next(((name, m) for name, m in model.named_modules()
                         if any(_is_experts(child) for child in m.children())), (None, None))
     if block is None:
@@ -157,7 +186,7 @@ def moe_block_call(model: torch.nn.Module, tokens: int = 64) -> tuple[str, torch
 
     # a KV cache would carry the capture's keys into every later call
     kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
-    return path, block, args, kwargs
+    return BlockCall(path, block, args, kwargs)
 
 
 def _is_experts(module: torch.nn.Module) -> bool:

@@ -114,7 +114,10 @@ def _as_grouped(m: GemmMatch, n: _Nodes) -> tuple[GemmMatch, list[int] | None]:
     experts, tokens = a.meta["val"].shape[0], with_tokens.meta["val"].shape[1]
     if isinstance(tokens, torch.SymInt):
         tokens = n.call(aten.sym_size.int, with_tokens, 1)
-    ends = n.call(aten.arange.start, 1, experts + 1, dtype=torch.int32, device=a.meta["val"].device)
+    # prims.iota, not aten.arange: the joint graph is past decomposition, and Inductor lowers
+    # iota but has no lowering for arange (it decomposes it first)
+    ends = n.call(torch.ops.prims.iota.default, experts, start=1, step=1, dtype=torch.int32,
+                  device=a.meta["val"].device, requires_grad=False)
     offs = n.call(aten.mul.Tensor, ends, tokens)
     if m.site.role is Role.WGRAD:
         x = _token_rows(n, n.transposed(a))

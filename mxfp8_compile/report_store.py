@@ -77,10 +77,10 @@ def compile_reporting(
         compiled = compile()
     finally:
         _REPORTING.reset(token)
-    made = _report.recorded() - made_before
+    made = _report.reports_since(made_before)
     key = graph_key(gm, example_inputs, config)
     if made:
-        _store(key, _report.reports()[-made:])
+        _store(key, made)
     elif _aot_cache_hits() > hits_before:
         stored = _load(key)
         if stored is None:

@@ -82,13 +82,13 @@ def fsdp_case(rank: int, world: int) -> dict[str, dict[str, Any]]:
         fully_shard(sharded, mesh=mesh, mp_policy=policy)
         graphs: list[tuple[str, list[str]]] = []
         compile_blocks(sharded, config, graphs)
-        earlier = len(_report.reports())
+        mark = _report.recorded()
         result = step(sharded, batches[rank], target)
         result["grads"] = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
         result["local_expert_shape"] = tuple(sharded.layers[0].moe.experts.w1.to_local().shape)
         result["graphs"] = graphs
         result["experts"] = [[(e.site.role.value, e.converted, e.site.shapes[1]) for e in r.entries
-                              if e.site.fqn.endswith("moe.experts")] for r in _report.reports()[earlier:]]
+                              if e.site.fqn.endswith("moe.experts")] for r in _report.reports_since(mark)]
         out[name] = result
     # as numpy arrays: a tensor would travel as a handle to this process's memory, gone when it ends
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().float().numpy(), out)

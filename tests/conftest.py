@@ -1,6 +1,5 @@
-"""Shared test setup: the ``gpu`` marker's skip, seeds, a clean Dynamo state and report history
-per test, and the shards ``tests/run.py`` runs in parallel (``--shard I/N``,
-``--record-durations``)."""
+"""Shared test setup: the ``gpu`` marker's skip, seeds, a clean Dynamo state per test, and the
+shards ``tests/run.py`` runs in parallel (``--shard I/N``, ``--record-durations``)."""
 
 from __future__ import annotations
 
@@ -75,11 +74,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> None:
-    from mxfp8_compile.passes import report
-
     torch.manual_seed(0)
     torch._dynamo.reset()
-    report.clear_reports()  # tests read reports()[len before:], which a full history defeats
 
 
 @pytest.fixture

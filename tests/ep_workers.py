@@ -108,7 +108,7 @@ def _run(model: torch.nn.Module, config: Config | None, compile_: Callable[..., 
             graphs.append((kind, [(str(p.dtype).removeprefix("torch."), p.rows, p.row_bytes) for p in a2a_payloads(gm.graph)]))
 
     compile_(model, aot_backend(config, keep))
-    earlier = len(_report.reports())
+    mark = _report.recorded()
     output, input_grad, loss = step(model)
     return {
         "output": output.detach(),
@@ -116,7 +116,7 @@ def _run(model: torch.nn.Module, config: Config | None, compile_: Callable[..., 
         "loss": loss.item(),
         "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
         "graphs": graphs,
-        "hoists": [(h.site, h.hoisted, str(h.decision)) for r in _report.reports()[earlier:] for h in r.hoists],
+        "hoists": [(h.site, h.hoisted, str(h.decision)) for r in _report.reports_since(mark) for h in r.hoists],
     }
 
 

@@ -27,6 +27,7 @@ from mxfp8_compile.backend import aot_backend
 from mxfp8_compile.examples.checkpointing import POLICIES, checkpoint_moe, checkpointed
 from mxfp8_compile.examples.moe import MoEConfig, build
 from mxfp8_compile.numerics import sqnr
+from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes._graph import normalize_fqn
 from mxfp8_compile.passes.report import PassReport, Role
 from mxfp8_compile.tools.dump import saved_for_backward
@@ -294,9 +295,9 @@ def test_dynamic_converts_what_static_does_wgrads_included(make: Callable) -> No
 
     def run(dynamic: bool) -> tuple[set[tuple[str, str]], list[float]]:
         torch._dynamo.reset()
-        earlier = len(mxfp8_compile.reports())
+        mark = _report.recorded()
         result = _step(model, x, mxfp8_compile.backend(inductor=False), dynamic=dynamic)
-        converted = {(s.role.value, s.fqn) for r in mxfp8_compile.reports()[earlier:] for s in r.converted()}
+        converted = {(s.role.value, s.fqn) for r in _report.reports_since(mark) for s in r.converted()}
         return converted, [sqnr(reference[k], result[k]) for k in reference]
 
     static, static_sqnr = run(False)
@@ -339,11 +340,11 @@ def test_a_changed_config_compiles_a_new_artifact(one_grouped_gemm: tuple) -> No
     assert not torch.equal(fresh["rceil"], fresh["floor"])
 
     torch._dynamo.reset()
-    earlier = len(mxfp8_compile.reports())
+    mark = _report.recorded()
     for mode in ("rceil", "floor", "rceil"):  # the same module again and again in one process
         torch.testing.assert_close(run(mode), fresh[mode], rtol=0, atol=0, msg=mode)
     # two compilations; the third call is Dynamo's first artifact again (equal backend and options)
-    configs = [r.config for r in mxfp8_compile.reports()[earlier:]]
+    configs = [r.config for r in _report.reports_since(mark)]
     assert len(configs) == 2 and "scale_mode='rceil'" in configs[0] and "scale_mode='floor'" in configs[1]
 
 

@@ -15,6 +15,7 @@ from mxfp8_compile import Config, numerics, ops
 from mxfp8_compile.examples.moe import MoEConfig, build
 from mxfp8_compile.lowering import targets
 from mxfp8_compile.numerics import sqnr
+from mxfp8_compile.passes import report as _report
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
@@ -251,10 +252,10 @@ def test_dynamic_token_counts_pad_and_convert_on_sm90() -> None:
     def step(x: torch.Tensor, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor, set]:
         torch._dynamo.reset()
         x = x.clone().requires_grad_()
-        earlier = len(mxfp8_compile.reports())
+        mark = _report.recorded()
         out = torch.compile(model, backend="mxfp8", dynamic=dynamic)(x)
         out.float().pow(2).mean().backward()
-        converted = {(s.role.value, s.fqn) for r in mxfp8_compile.reports()[earlier:] for s in r.converted()}
+        converted = {(s.role.value, s.fqn) for r in _report.reports_since(mark) for s in r.converted()}
         return out.detach(), x.grad, converted
 
     static_out, static_grad, static = step(x, dynamic=False)

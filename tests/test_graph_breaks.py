@@ -15,6 +15,7 @@ from torch import nn
 import mxfp8_compile
 from mxfp8_compile import Config
 from mxfp8_compile.numerics import sqnr
+from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.report import SkipReason
 
 DIM, HIDDEN, EXPERTS = 64, 128, 4
@@ -64,13 +65,13 @@ def _step(config: Config, capture_dynamic: bool = False) -> tuple[torch.Tensor, 
     torch.manual_seed(0)
     model = Model().to(torch.bfloat16)
     x = torch.randn(96, DIM, dtype=torch.bfloat16)
-    earlier = len(mxfp8_compile.reports())
+    mark = _report.recorded()
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=capture_dynamic):
         out = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False))(x)
         out.float().pow(2).mean().backward()
     with torch.no_grad():
-        return sqnr(model(x), out), mxfp8_compile.reports()[earlier:]
+        return sqnr(model(x), out), _report.reports_since(mark)
 
 
 def _paths(reports: list[mxfp8_compile.PassReport]) -> dict[str, set[bool]]:
@@ -139,11 +140,11 @@ class Unregistered(nn.Module):
 
 def test_paths_whose_place_is_unknown_are_marked_and_rules_warn() -> None:
     model = Unregistered().to(torch.bfloat16)
-    earlier = len(mxfp8_compile.reports())
+    mark = _report.recorded()
     with pytest.warns(UserWarning, match=r"relative to a compiled frame whose place in the model is unknown \(\?\.hidden"):
         torch.compile(model, backend=mxfp8_compile.backend(Config(exclude_fqns=("w2",)), inductor=False))(
             torch.randn(32, DIM, dtype=torch.bfloat16))
-    paths = {e.site.fqn for r in mxfp8_compile.reports()[earlier:] for e in r.entries}
+    paths = {e.site.fqn for r in _report.reports_since(mark) for e in r.entries}
     assert paths == {"?.hidden.w1", "?.hidden.w2", "?.hidden.w3"}
 
 

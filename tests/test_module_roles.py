@@ -10,6 +10,7 @@ from torch import nn
 
 import mxfp8_compile
 from mxfp8_compile import Config
+from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.report import SkipReason
 
 DIM, EXPERTS = 64, 32
@@ -61,11 +62,11 @@ def _compile(model: nn.Module, config: Config) -> tuple[torch.Tensor, list[mxfp8
     """One training step of ``model`` compiled with ``config``: the output and the reports."""
     torch.manual_seed(0)
     x = torch.randn(64, DIM, dtype=torch.bfloat16, requires_grad=True)
-    earlier = len(mxfp8_compile.reports())
+    mark = _report.recorded()
     torch._dynamo.reset()
     out = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False))(x)
     out.float().pow(2).mean().backward()
-    return out, mxfp8_compile.reports()[earlier:]
+    return out, _report.reports_since(mark)
 
 
 def _kept(reports: list[mxfp8_compile.PassReport]) -> dict[str, set[str]]:

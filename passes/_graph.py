@@ -154,7 +154,6 @@ _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
 _HIDDEN_COMPONENTS = frozenset({"__dict__", "_modules", "_parameters", "_buffers", "_checkpoint_wrapped_module"})
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FramePlace:
     """Where the frame Dynamo compiled into a graph sits in the user's model (module paths in

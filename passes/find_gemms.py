@@ -186,6 +186,15 @@ def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     return a, b, None
 
 
+def _scaled_sum(node: fx.Node) -> Skip | None:
+    """The skip for ``addmm``/``baddbmm`` with ``beta`` or ``alpha`` other than 1 (the MX path
+    adds the bias as is)."""
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if beta == 1 and alpha == 1:
+        return None
+    return Skip(SkipReason.UNSUPPORTED_ARGS, f"{node.target.__name__.split('.')[0]} with beta={beta}, alpha={alpha}")
+
+
 def _weight_source(node: fx.Node) -> tuple[fx.Node | None, bool]:
     """The graph input ``node`` views, casts or gathers (a parameter, in a module's graph) and
     whether a gather is on the way (per-token weights); ``(None, False)`` for a computed node."""
@@ -216,7 +225,6 @@ def _batched(node: fx.Node, config: Config, roles: Mapping[str, str], weights: s
     gathered per token (HF's ``batched_mm``, as A or as B) stay bf16 in the forward and the dgrad."""
     a, b, bias = _operands(node)
     (a_weight, a_gathered), (b_weight, b_gathered) = _weight_source(a), _weight_source(b)
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     extra = None
     if a_gathered or b_gathered:
         role = Role.DGRAD if is_backward(node) else Role.FORWARD
@@ -232,17 +240,13 @@ def _batched(node: fx.Node, config: Config, roles: Mapping[str, str], weights: s
         role = Role.WGRAD
         if not _feeds_an_output(node):
             extra = Skip(SkipReason.BATCHED_ACTIVATIONS, "its result is not a weight's gradient")
-    if extra is None and (beta != 1 or alpha != 1):
-        extra = Skip(SkipReason.UNSUPPORTED_ARGS, f"baddbmm with beta={beta}, alpha={alpha}")
+    extra = extra if extra is not None else _scaled_sum(node)
     return _match(node, config, roles, role, Layout.BATCHED, Operand(a), Operand(b), None, bias=bias, extra=extra)
 
 
 def _dense(node: fx.Node, config: Config, roles: Mapping[str, str], weight_sources: set[object]) -> GemmMatch:
     a, b, bias = _operands(node)
-    extra = None
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    if beta != 1 or alpha != 1:
-        extra = Skip(SkipReason.UNSUPPORTED_ARGS, f"addmm with beta={beta}, alpha={alpha}")
+    extra = _scaled_sum(node)
     if not is_backward(node):
         role = Role.FORWARD
     elif view_source(a) in weight_sources or view_source(b) in weight_sources:
@@ -325,11 +329,16 @@ def _warn_where_paths_cannot_decide(matches: list[GemmMatch], config: Config) ->
             stacklevel=2,
         )
     place = FRAME.get()
-    differ = sorted({
-        alike + m.site.fqn[len(place.path):] for m in matches for alike in place.alike
-        if place.path and m.site.fqn.startswith(place.path)
-        and (_path_rule(config, alike + m.site.fqn[len(place.path):]) is None) != (_path_rule(config, m.site.fqn) is None)
-    })
+    differ = set()
+    for m in matches:
+        if not place.path or not m.site.fqn.startswith(place.path):
+            continue
+        converts = _path_rule(config, m.site.fqn) is None
+        for alike in place.alike:
+            twin = alike + m.site.fqn[len(place.path):]
+            if (_path_rule(config, twin) is None) != converts:
+                differ.add(twin)
+    differ = sorted(differ)
     if differ:
         warnings.warn(
             f"mxfp8_compile: one compiled frame serves {place.path} and the other modules of its class, and "

@@ -29,8 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path

@@ -37,6 +37,11 @@ class Config:
     keep_bf16_modules: FQN components (``a.b.gate`` has ``gate``) whose GEMMs stay in bf16,
         whatever they do.
     min_gemm_size: GEMMs whose weight has fewer elements (K * N) stay in bf16.
+    cost_model: convert a GEMM only where the target's cost model (``lowering/costs.py``,
+        constants measured on the device it names) predicts its FP8 GEMM, with the casts it
+        pays for, faster than its bf16 GEMM; the others stay bf16 as ``NOT_FASTER`` with the
+        predicted ratio. On by default. ``False`` converts every GEMM the other rules allow (as
+        the emulated target, the reference, always does: it has no cost model).
     operand_dtypes: operand dtypes that may be quantized; others stay as they are.
     fast_accum: on sm90, the GEMM roles (as in ``gemms``) whose FP8 GEMMs accumulate in Hopper's
         faster, less precise mode (``use_fast_accum``, no periodic promotion to fp32): all three
@@ -77,6 +82,7 @@ class Config:
     keep_bf16_roles: tuple[str, ...] = KEEP_BF16_ROLES
     keep_bf16_modules: tuple[str, ...] = ()
     min_gemm_size: int = 0
+    cost_model: bool = True
     operand_dtypes: tuple[str, ...] = tuple(OPERAND_DTYPES)
     fast_accum: tuple[str, ...] | bool = GEMM_ROLES
     a2a_wgrad: str = "dequant"
@@ -102,7 +108,7 @@ class Config:
             _check_choice("keep_bf16_roles", keep, KEEP_BF16_ROLES)
         for dtype in self.operand_dtypes:
             _check_choice("operand_dtypes", dtype, tuple(OPERAND_DTYPES))
-        for name in ("dense_linears", "sm100_ragged_groups"):
+        for name in ("dense_linears", "cost_model", "sm100_ragged_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         # bool is an int subclass: min_gemm_size=True would quietly mean 1

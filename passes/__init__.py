@@ -22,6 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes import report as _report
+from mxfp8_compile.passes.cost_policy import apply_cost_policy
 from mxfp8_compile.passes.find_gemms import apply_target_rules, find_gemms
 from mxfp8_compile.passes.hoist_quantize import apply_hoists, plan_hoists
 from mxfp8_compile.passes.quantize_payloads import quantize_other_payloads
@@ -64,6 +65,7 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     choice = choose_target(config, converted[0].a.node.meta["val"].device) if converted else None
     target = choice.target if choice else "none"
     matches = apply_target_rules(matches, target)
+    matches = apply_cost_policy(matches, config, target)
     hoists, matches = plan_hoists(matches, config, target)  # may keep wgrads in bf16
     moved = frozenset(s.node for h in hoists if h.decision for s in h.steps)
     rewrite_gemms(graph, matches, config, target, keep_apart=moved)

@@ -55,6 +55,7 @@ class SkipReason(str, enum.Enum):
         "experts_implementation='grouped_mm'"
     )
     TOO_SMALL = "weight has fewer elements than Config.min_gemm_size"
+    NOT_FASTER = "predicted no faster in FP8, with the casts it pays for, than in bf16 (Config.cost_model)"
     TARGET_RULE = "the target's FP8 GEMM kernels cannot take these shapes (torch checks them at run time)"
     A2A_WGRAD_DEQUANT = (
         "a2a_wgrad='dequant': its token rows cross an all-to-all as MXFP8 scaled along the hidden "

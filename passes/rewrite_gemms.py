@@ -159,11 +159,11 @@ def _resolved(m: GemmMatch, replaced: dict[fx.Node, fx.Node]) -> GemmMatch:
 
 # An activation as the casts see it: (node, transposed, offs), the 2D tensor node (or node^T)
 # cast within the token groups ending at offs.
-_CastKey = tuple[fx.Node, bool, fx.Node]
+CastKey = tuple[fx.Node, bool, fx.Node | None]
 _TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
 
 
-def _cast_key(node: fx.Node, transposed: bool, offs: fx.Node) -> _CastKey:
+def cast_key(node: fx.Node, transposed: bool, offs: fx.Node | None) -> CastKey:
     """The key of 2D ``node`` (or its transpose), through transposes: a wgrad's ``dy^T`` is dy."""
     while node.target in _TRANSPOSES and node.meta["val"].dim() == 2:
         node, transposed = node.args[0], not transposed
@@ -197,23 +197,23 @@ class _Casts:
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node]) -> None:
         self.target, self.rebased, self.mode = target, target == "sm90", mode
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
-        rows = {_cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
+        rows = {cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
                 if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
-        tokens = {_cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
+        tokens = {cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
                   for key in ((m.a.node, not m.a.transposed), (m.b.node, m.b.transposed))}
         self.shared = {key for key in rows & tokens if key[0] not in keep_apart}
-        self.outputs: dict[_CastKey, list[fx.Node]] = {}
+        self.outputs: dict[CastKey, list[fx.Node]] = {}
 
     def rows(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node | None) -> list[fx.Node]:
         """``(data, scales)`` of 2D or 3D ``node`` (or its transpose) along its last dim."""
-        key = _cast_key(node, transposed, offs) if offs is not None else None
+        key = cast_key(node, transposed, offs) if offs is not None else None
         if key in self.shared:
             return self._shared(n, key)[:2]
         return self._rows(n, n.transposed(node) if transposed else node)
 
     def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
         """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""
-        key = _cast_key(node, transposed, offs)
+        key = cast_key(node, transposed, offs)
         if key in self.shared:
             return self._shared(n, key)[2:]
         return self._token_groups(n, n.transposed(node) if transposed else node, offs)
@@ -226,7 +226,7 @@ class _Casts:
     def _token_groups(self, n: _Nodes, x: fx.Node, offs: fx.Node) -> list[fx.Node]:
         return n.multi(getattr(mxfp8, _TOKEN_GROUP_CASTS[self.target]).default, x, offs, self.mode)
 
-    def _shared(self, n: _Nodes, key: _CastKey) -> list[fx.Node]:
+    def _shared(self, n: _Nodes, key: CastKey) -> list[fx.Node]:
         if key not in self.outputs:
             x = n.transposed(key[0]) if key[1] else key[0]
             if self.rebased:

@@ -19,6 +19,9 @@ from mxfp8_compile.passes import report as _report
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
+# These models are small: the cost model would keep their GEMMs in bf16. The tests check the
+# FP8 path itself, so every GEMM is converted; the policy has its own tests (test_cost_policy).
+EVERY_GEMM = {"cost_model": False}
 
 
 def test_auto_target_is_sm90_on_hopper() -> None:
@@ -95,7 +98,7 @@ def test_moe_model_with_inductor_on_sm90() -> None:
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     # torchao's scope (experts converted): the routers see the same bf16 inputs in both runs,
     # so no top-k choice flips and the comparison measures the GEMMs.
-    out = torch.compile(model, backend="mxfp8", options={"include_fqns": ["experts"]})(x1)
+    out = torch.compile(model, backend="mxfp8", options={"include_fqns": ["experts"], "cost_model": False})(x1)
     F.mse_loss(out.float(), target).backward()
     report = mxfp8_compile.last_report()
     assert report.target == "sm90" and sum(s.fqn.endswith("experts") for s in report.converted()) == 9
@@ -201,7 +204,7 @@ def test_max_autotune_keeps_every_expert_gemm_converted() -> None:
     model, (x,) = build(MoEConfig(layers=1, dim=256, heads=2, expert_hidden=256, shared_hidden=256), seq=256)
     model, x = model.cuda(), x.cuda()
     reference = copy.deepcopy(model)
-    config = Config(include_fqns=["experts"])
+    config = Config(include_fqns=["experts"], cost_model=False)
     out = torch.compile(model, backend=mxfp8_compile.backend(config, mode="max-autotune-no-cudagraphs"))(x)
     out.float().square().mean().backward()
     report = mxfp8_compile.last_report()
@@ -220,7 +223,7 @@ def test_odd_expert_widths_run_and_name_the_rule(width: int, monkeypatch: pytest
     # refuse stays bf16 with the rule named, the rest converts, and a training step runs.
     model, (x,) = build(MoEConfig(layers=1, dim=256, expert_hidden=width, shared_hidden=width), seq=256)
     model, x = model.cuda(), x.cuda().requires_grad_()
-    out = torch.compile(model, backend="mxfp8")(x)
+    out = torch.compile(model, backend="mxfp8", options=EVERY_GEMM)(x)
     F.mse_loss(out.float(), torch.ones_like(out, dtype=torch.float32)).backward()
     torch.cuda.synchronize()
     report = mxfp8_compile.last_report()
@@ -237,7 +240,7 @@ def test_odd_expert_widths_run_and_name_the_rule(width: int, monkeypatch: pytest
     monkeypatch.setattr(targets, "broken_rule", lambda *args: None)
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"divisible by 16"):
-        torch.compile(model, backend=mxfp8_compile.backend(Config(), inductor=False))(x)
+        torch.compile(model, backend=mxfp8_compile.backend(Config(cost_model=False), inductor=False))(x)
         torch.cuda.synchronize()
 
 
@@ -253,7 +256,7 @@ def test_dynamic_token_counts_pad_and_convert_on_sm90() -> None:
         torch._dynamo.reset()
         x = x.clone().requires_grad_()
         mark = _report.recorded()
-        out = torch.compile(model, backend="mxfp8", dynamic=dynamic)(x)
+        out = torch.compile(model, backend="mxfp8", dynamic=dynamic, options=EVERY_GEMM)(x)
         out.float().pow(2).mean().backward()
         converted = {(s.role.value, s.fqn) for r in _report.reports_since(mark) for s in r.converted()}
         return out.detach(), x.grad, converted
@@ -266,7 +269,7 @@ def test_dynamic_token_counts_pad_and_convert_on_sm90() -> None:
     assert dynamic == static and {role for role, _ in static} == {"forward", "dgrad", "wgrad"} and padded
     assert sqnr(static_out, dynamic_out) >= 30 and sqnr(static_grad, dynamic_grad) >= 25
     odd = x[:, :100].clone().requires_grad_()  # 200 tokens: padded by 24 rows on the device
-    out = torch.compile(model, backend="mxfp8", dynamic=True)(odd)
+    out = torch.compile(model, backend="mxfp8", dynamic=True, options=EVERY_GEMM)(odd)
     out.float().pow(2).mean().backward()
     with torch.no_grad():
         assert sqnr(model(odd), out) >= 23 and torch.isfinite(odd.grad).all()
@@ -284,7 +287,7 @@ def test_bmm_experts_convert_through_inductor_on_sm90() -> None:
     ref.float().pow(2).mean().backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    out = torch.compile(model, backend="mxfp8", options={"dense_linears": False})(x_mx)
+    out = torch.compile(model, backend="mxfp8", options={"dense_linears": False, "cost_model": False})(x_mx)
     out.float().pow(2).mean().backward()
     report = mxfp8_compile.last_report()
     db = {"output": sqnr(ref, out), "input grad": sqnr(x_ref.grad, x_mx.grad),

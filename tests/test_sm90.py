@@ -16,6 +16,8 @@ from mxfp8_compile.lowering import targets
 from mxfp8_compile.numerics import e8m0_to_fp32, sqnr
 
 BF16 = torch.bfloat16
+# the rewrite of every GEMM, including those the cost model would keep at these small sizes
+SM90_EVERY_GEMM = Config(target="sm90", cost_model=False)
 
 
 @pytest.fixture
@@ -81,7 +83,7 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     model, (x,) = build(MoEConfig(layers=1))
     graphs: dict[str, torch.fx.GraphModule] = {}
     sm90 = lambda m: torch.compile(  # noqa: E731
-        m, backend=mxfp8_compile.backend(Config(target="sm90"), inductor=False, on_graph=graphs.__setitem__)
+        m, backend=mxfp8_compile.backend(SM90_EVERY_GEMM, inductor=False, on_graph=graphs.__setitem__)
     )
     result = compare(model, sm90, (x,), mse_to("random"))
     report = mxfp8_compile.last_report()
@@ -111,7 +113,7 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
 def test_fast_accum_reaches_the_gemms_of_its_roles(fast_accum: tuple[str, ...]) -> None:
     model, (x,) = build(MoEConfig(layers=1, dim=64, expert_hidden=64, experts=4))
     graphs: dict[str, torch.fx.GraphModule] = {}
-    config = Config(target="sm90", fast_accum=fast_accum)
+    config = Config(target="sm90", fast_accum=fast_accum, cost_model=False)
     compiled = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False, on_graph=graphs.__setitem__))
     compiled(x).sum().backward()
     roles = collections.Counter(site.role.value for site in mxfp8_compile.last_report().converted())
@@ -126,7 +128,7 @@ def test_sm90_rewrite_lowers_through_inductor() -> None:
     # Inductor lowers every node the rewrite inserts (the traced scale decoding included); on the
     # CPU the ops run their emulation, held to test_sm90_rewrite_of_the_moe_layer's bars
     model, (x,) = build(MoEConfig(layers=1, dim=64, expert_hidden=64, experts=4))
-    sm90 = lambda m: torch.compile(m, backend=mxfp8_compile.backend(Config(target="sm90")))  # noqa: E731
+    sm90 = lambda m: torch.compile(m, backend=mxfp8_compile.backend(SM90_EVERY_GEMM))  # noqa: E731
     result = compare(model, sm90, (x,), mse_to("random"))
     report = mxfp8_compile.last_report()
     assert report.target == "sm90" and len(report.converted()) == 30  # as in test_sm90_rewrite_of_the_moe_layer
@@ -156,7 +158,7 @@ def test_shared_activations_are_cast_once_each_way() -> None:
     # one row cast and one token-group cast each, whatever the number of GEMMs that read them
     model, (x,) = build(MoEConfig(layers=1, dim=128, heads=4, expert_hidden=64, experts=2, shared_hidden=0))
     graphs: dict[str, torch.fx.GraphModule] = {}
-    compiled = torch.compile(model, backend=mxfp8_compile.backend(Config(target="sm90"), inductor=False,
+    compiled = torch.compile(model, backend=mxfp8_compile.backend(SM90_EVERY_GEMM, inductor=False,
                                                                    on_graph=graphs.__setitem__))
     compiled(x).float().sum().backward()
     nodes = list(graphs["joint"].graph.nodes)

@@ -379,6 +379,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"module roles kept in bf16, read from the graph (default {','.join(KEEP_BF16_ROLES)}; '' for none)")
     p.add_argument("--keep-bf16", default="", help="FQN components kept in bf16 whatever they do, comma-separated")
     p.add_argument("--min-gemm-size", type=int, default=0, help="keep GEMMs with K*N below this in bf16")
+    p.add_argument("--no-cost-model", action="store_true",
+                   help="convert GEMMs the target's cost model predicts no faster than bf16 too")
     p.add_argument("--a2a-wgrad", default="dequant", choices=A2A_WGRAD_POLICIES,
                    help="wgrads of token rows that cross an all-to-all as MXFP8 (see Config.a2a_wgrad)")
     p.add_argument("--a2a-payloads", default="gemm_inputs", choices=A2A_PAYLOADS,
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             dense_linears=not args.no_dense_linears, include_fqns=tuple(args.include),
             exclude_fqns=tuple(args.exclude), keep_bf16_modules=tuple(filter(None, args.keep_bf16.split(","))),
             keep_bf16_roles=tuple(filter(None, args.keep_bf16_roles.split(","))),
-            min_gemm_size=args.min_gemm_size, a2a_wgrad=args.a2a_wgrad,
+            min_gemm_size=args.min_gemm_size, cost_model=not args.no_cost_model, a2a_wgrad=args.a2a_wgrad,
             a2a_payloads=args.a2a_payloads, a2a_wire_format=args.a2a_wire_format,
         )
         _check_out(Path(args.out))  # before anything is built or compiled

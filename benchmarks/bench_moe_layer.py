@@ -10,6 +10,10 @@ GEMMs alone are in bench_gemms.py, where the time goes in profile_moe_layer.py.
 
     python benchmarks/bench_moe_layer.py --shapes deepseek_v3 llama4_scout --tokens 16384 [--checkpoint]
 
+``--peers torchao_fp8_rowwise`` times torchao's FP8-rowwise grouped GEMM (``Float8TrainingOpConfig``
+on the experts' weights, then ``torch.compile``: the Hopper peer) beside them in the same run, when
+torchao is importable; a peer that cannot run gets its error in its row.
+
 Prints a table and writes the raw numbers as JSON (``--out``); the caller records them in
 benchmarks/RESULTS.md.
 """
@@ -34,6 +38,7 @@ from mxfp8_compile import Config
 from mxfp8_compile.examples.checkpointing import checkpointed
 from mxfp8_compile.examples.moe import MoE, MoEConfig
 from mxfp8_compile.numerics import sqnr
+from mxfp8_compile.passes import report as _report
 
 SHAPES = {
     "llama4_scout": dict(dim=5120, expert_hidden=8192),
@@ -48,6 +53,21 @@ VARIANTS = {"default": Config(), "fast_accum_forward": Config(fast_accum=("forwa
 def compile_mxfp8(module: torch.nn.Module, variant: str) -> torch.nn.Module:
     """``module`` compiled with ``backend="mxfp8"`` and the Config of ``variant`` as its options."""
     return torch.compile(module, backend="mxfp8", options=dataclasses.asdict(VARIANTS[variant]))
+
+
+def torchao_fp8_rowwise(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with torchao's FP8-rowwise grouped GEMM on its experts' weights, compiled by
+    ``torch.compile`` (torchao's MoE training recipe for Hopper; token groups padded to 16 rows,
+    as its grouped GEMM needs)."""
+    from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+    from torchao.quantization import quantize_
+
+    quantize_(module.experts, Float8TrainingOpConfig(pad_token_groups_for_grouped_mm=True),
+              filter_fn=lambda mod, fqn: True)
+    return torch.compile(module)
+
+
+PEERS = {"torchao_fp8_rowwise": torchao_fp8_rowwise}
 
 
 def sync_time(fn) -> float:
@@ -71,9 +91,10 @@ def _step_peak_mib(step) -> float:
 
 
 def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_runs: int = 1,
-              variants: tuple[str, ...] = ("default",)) -> list[dict]:
-    """One row per Config of ``variants`` (names in VARIANTS), each against the same bf16 layer
-    timed in the same run; compile times are of the first variant."""
+              variants: tuple[str, ...] = ("default",), peers: tuple[str, ...] = ()) -> list[dict]:
+    """One row per Config of ``variants`` (names in VARIANTS) and per peer of ``peers`` (names in
+    PEERS), each against the same bf16 layer timed in the same run; compile times are of bf16 and
+    the first variant."""
     cfg = MoEConfig(**SHAPES[shape], experts=experts, top_k=1, shared_hidden=0, layers=1)
     torch.manual_seed(0)
     bf16 = MoE(cfg).to(device="cuda", dtype=torch.bfloat16)
@@ -107,31 +128,43 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_r
     compiled_bf16(xs[0]).backward(grads[0])
     t_bf16 = do_bench(stepper(compiled_bf16), warmup=200, rep=1000, return_mode="median")
     peak_bf16 = _step_peak_mib(stepper(compiled_bf16))
-    rows = []
-    for variant in variants:
-        mx = copy.deepcopy(bf16)
-        compiled_mx = compile_mxfp8(mx, variant)
-        compiled_mx(xs[0]).backward(grads[0])
-        report = mxfp8_compile.last_report()
-        # numerics of one step, from zeroed grads
-        for m in (bf16, mx):
+    base = {"shape": shape, "tokens": tokens, "experts": experts, **SHAPES[shape], "checkpoint": checkpoint,
+            "fwd_bwd_ms_bf16": t_bf16, "step_peak_mib_bf16": peak_bf16,
+            "compile_s_bf16": statistics.median(compile_s["bf16"]),
+            "compile_s_mxfp8": statistics.median(compile_s["mxfp8"]), "compile_runs_s": compile_s}
+
+    def measure(name: str, module: torch.nn.Module, compiled: torch.nn.Module) -> dict:
+        """``compiled`` (of ``module``, a copy of the bf16 layer) against bf16: time, memory, SQNR."""
+        compiled(xs[0]).backward(grads[0])
+        for m in (bf16, module):  # numerics of one step, from zeroed grads
             m.zero_grad()
-        out_bf16, out_mx = compiled_bf16(xs[1]), compiled_mx(xs[1])
+        out_bf16, out = compiled_bf16(xs[1]), compiled(xs[1])
         out_bf16.backward(grads[1])
-        out_mx.backward(grads[1])
+        out.backward(grads[1])
         # Expert weights only: with top-1 routing the normalized routing weight is exactly 1, so
         # the router gate's true gradient is zero and both runs hold only rounding noise there.
-        worst_wgrad = min(sqnr(p.grad, q.grad) for p, q in zip(bf16.experts.parameters(), mx.experts.parameters()))
-        t_mx = do_bench(stepper(compiled_mx), warmup=200, rep=1000, return_mode="median")
-        rows.append({
-            "shape": shape, "tokens": tokens, "experts": experts, **SHAPES[shape], "checkpoint": checkpoint,
-            "variant": variant, "target": report.target, "converted": len(report.converted()),
-            "fwd_bwd_ms_bf16": t_bf16, "fwd_bwd_ms_mxfp8": t_mx, "speedup": t_bf16 / t_mx,
-            "step_peak_mib_bf16": peak_bf16, "step_peak_mib_mxfp8": _step_peak_mib(stepper(compiled_mx)),
-            "compile_s_bf16": statistics.median(compile_s["bf16"]),
-            "compile_s_mxfp8": statistics.median(compile_s["mxfp8"]), "compile_runs_s": compile_s,
-            "output_sqnr": sqnr(out_bf16, out_mx), "worst_expert_weight_grad_sqnr": worst_wgrad,
-        })
+        worst_wgrad = min(sqnr(p.grad, q.grad) for p, q in zip(bf16.experts.parameters(), module.experts.parameters()))
+        t = do_bench(stepper(compiled), warmup=200, rep=1000, return_mode="median")
+        return {**base, "variant": name, "fwd_bwd_ms": t, "speedup": t_bf16 / t,
+                "step_peak_mib": _step_peak_mib(stepper(compiled)), "output_sqnr": sqnr(out_bf16, out),
+                "worst_expert_weight_grad_sqnr": worst_wgrad}
+
+    rows = []
+    for variant in variants:
+        # afresh: Dynamo would serve a copy of the layer the graph compiled before, and leave no report
+        torch._dynamo.reset()
+        mx = copy.deepcopy(bf16)
+        compiled_mx = compile_mxfp8(mx, variant)
+        mark = _report.recorded()
+        row = measure(variant, mx, compiled_mx)
+        report = _report.reports_since(mark)[0]
+        rows.append({**row, "target": report.target, "converted": len(report.converted())})
+    for peer in peers:
+        try:
+            module = copy.deepcopy(bf16)
+            rows.append({**measure(peer, module, PEERS[peer](module)), "target": "peer"})
+        except Exception as e:  # noqa: BLE001  (a peer that cannot run here is a row, not the end of the run)
+            rows.append({**base, "variant": peer, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
     return rows
 
 
@@ -144,6 +177,8 @@ def main() -> None:
     parser.add_argument("--compile-runs", type=int, default=1, help="compile each this many times (median)")
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
                         help="the mxfp8 Configs to time, each against the same bf16 layer")
+    parser.add_argument("--peers", nargs="+", default=[], choices=list(PEERS),
+                        help="other FP8 training recipes to time against the same bf16 layer")
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = parser.parse_args()
     # compile times must not come from Inductor's on-disk caches
@@ -156,14 +191,19 @@ def main() -> None:
     results = {"meta": meta, "layer": []}
     for shape in args.shapes:
         for tokens in args.tokens:
-            for r in moe_layer(shape, tokens, args.experts, args.checkpoint, args.compile_runs, tuple(args.variants)):
+            for r in moe_layer(shape, tokens, args.experts, args.checkpoint, args.compile_runs, tuple(args.variants),
+                               tuple(args.peers)):
                 results["layer"].append(r)
-                print(f"LAYER {shape:13s} tokens={tokens:6d} {r['variant']} target {r['target']}: "
-                      f"bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, mxfp8 {r['fwd_bwd_ms_mxfp8']:.2f} ms -> {r['speedup']:.2f}x"
+                head = f"LAYER {shape:13s} tokens={tokens:6d} {r['variant']}"
+                if "error" in r:
+                    print(f"{head}: could not run: {r['error']}", flush=True)
+                    continue
+                print(f"{head} target {r['target']}: "
+                      f"bf16 {r['fwd_bwd_ms_bf16']:.2f} ms, this {r['fwd_bwd_ms']:.2f} ms -> {r['speedup']:.2f}x"
                       f" | compile {r['compile_s_bf16']:.1f} s "
                       f"vs {r['compile_s_mxfp8']:.1f} s | SQNR out {r['output_sqnr']:.1f} dB, worst expert wgrad "
                       f"{r['worst_expert_weight_grad_sqnr']:.1f} dB | step peak memory {r['step_peak_mib_bf16']:.0f} MiB "
-                      f"vs {r['step_peak_mib_mxfp8']:.0f} MiB{' (checkpointed)' if r['checkpoint'] else ''}", flush=True)
+                      f"vs {r['step_peak_mib']:.0f} MiB{' (checkpointed)' if r['checkpoint'] else ''}", flush=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=1)

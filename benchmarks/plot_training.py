@@ -39,10 +39,10 @@ Row = Mapping[str, str | int | float]  # train_moe.train's numbers, or log.csv's
 LOSS_UNIT = "nats/byte"  # F.cross_entropy (natural log) over byte tokens
 FIGSIZE = (10.0, 5.5)  # inches
 DPI = 110
-COLOURS = {"bf16": "tab:blue", "mxfp8": "tab:orange", "mxfp8_experts": "tab:green",
+COLOURS = {"bf16": "tab:blue", "mxfp8": "tab:orange", "mxfp8_every_gemm": "tab:red", "mxfp8_experts": "tab:green",
            "mxfp8_exact_accum": "tab:purple"}
 # runs outside COLOURS (older logs' names, e.g. mxfp8_fast_accum), in order of appearance
-SPARE_COLOURS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
 PLOTS_HINT = 'pip install -e ".[plots]"'

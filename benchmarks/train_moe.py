@@ -4,11 +4,13 @@ Data: the Python standard library's own source files (``sysconfig.get_paths()["s
 machine, no download), bytes as tokens (vocab 256), files in sorted order, the last 5% of the bytes
 held out. Model: the plugin's example MoE (``examples/moe.py``: attention, router, top-2 of 8
 SiLU-gated experts through ``torch._grouped_mm``, rotary position embedding) under a byte embedding;
-the default preset has 8 layers and about 250M parameters. The runs (``--runs``: ``bf16``,
-``mxfp8``, and ``mxfp8_experts`` with only the expert GEMMs converted, to split a loss gap between
-attention and experts, ``mxfp8_exact_accum`` without Hopper's fast FP8 accumulation, which
-``Config`` uses by default on sm90) start from the same weights and see the same batches in the same
-order; AdamW with warm-up and cosine decay.
+the default preset has 8 layers and about 250M parameters, ``llama4_width`` 2 layers at Llama4-Scout's
+widths (about 4.5B). The runs (``--runs``: ``bf16``; ``mxfp8``, the default Config, which converts
+what the target's cost model predicts faster; ``mxfp8_every_gemm``, every GEMM converted, the
+numerics' convergence check; ``mxfp8_experts`` with only the expert GEMMs converted, to split a
+loss gap between attention and experts; ``mxfp8_exact_accum`` without Hopper's fast FP8
+accumulation, which ``Config`` uses by default on sm90) start from the same weights and see the
+same batches in the same order; AdamW with warm-up and cosine decay.
 ``--mode reduce-overhead`` compiles every run with CUDA graphs.
 
 Seeds differ by more than the 0.5% to resolve (about 1.5% in held-out loss at 2000 steps; without
@@ -55,12 +57,20 @@ PRESETS = {
     # 8 layers, 8 experts, top-2: about 250M parameters, 8192 tokens a step
     "default": dict(model=MoEConfig(dim=768, heads=12, layers=8, experts=8, top_k=2, expert_hidden=1536,
                                     shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=8, seq=1024),
+    # Llama4-Scout's widths (dim 5120, 40 heads, 16 experts of width 8192, a shared expert of the
+    # same width, top-1) in 2 layers: about 4.5B parameters, which with AdamW's two moments fit one
+    # H100 (80 GiB); 16384 tokens a step in 2 sequences of 8192
+    "llama4_width": dict(model=MoEConfig(dim=5120, heads=40, layers=2, experts=16, top_k=1, expert_hidden=8192,
+                                         shared_hidden=8192, vocab=256, rope_theta=500_000.0), batch=2, seq=8192),
     "tiny": dict(model=MoEConfig(dim=64, heads=2, layers=2, experts=8, top_k=2, expert_hidden=64,
                                  shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=2, seq=64),
 }
 # run name -> the plugin's Config (None: the bf16 baseline, plain torch.compile)
-RUNS = {"bf16": None, "mxfp8": Config(), "mxfp8_experts": Config(dense_linears=False),
-        "mxfp8_exact_accum": Config(fast_accum=())}
+# (``mxfp8`` converts what the target's cost model predicts faster; ``mxfp8_every_gemm`` every GEMM
+# the other rules allow, the numerics' convergence check)
+RUNS = {"bf16": None, "mxfp8": Config(), "mxfp8_every_gemm": Config(cost_model=False),
+        "mxfp8_experts": Config(dense_linears=False, cost_model=False),
+        "mxfp8_exact_accum": Config(fast_accum=(), cost_model=False)}
 # the held-out windows' draw: the one earlier sessions' seed-0 runs used (seed + 1)
 HELDOUT_SEED = 1
 
@@ -281,7 +291,8 @@ def main() -> None:
     parser.add_argument("--out", default="train_moe_out")
     parser.add_argument("--results", default=None, help="append the summary to this Markdown file")
     parser.add_argument("--runs", nargs="+", default=["bf16", "mxfp8"], choices=list(RUNS),
-                        help="mxfp8_experts: only the expert GEMMs in MXFP8 (Config(dense_linears=False))")
+                        help="mxfp8: the default Config; mxfp8_every_gemm: the cost model off; mxfp8_experts: "
+                             "only the expert GEMMs in MXFP8 (Config(dense_linears=False))")
     parser.add_argument("--mode", default=None, choices=[None, "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="Inductor's mode for both runs (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",

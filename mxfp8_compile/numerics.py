@@ -246,6 +246,38 @@ def from_mx(
     return (qdata.to(torch.float32) * scale).to(dtype)
 
 
+def to_mx_square(
+    x: torch.Tensor, *, mode: str | ScaleMode = ScaleMode.RCEIL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (.., R, C) to MXFP8 with one scale per 32 x 32 tile of its last two dims.
+
+    Every 1 x 32 block along dim -1 and every 32 x 1 block along dim -2 lies in one tile, so the
+    same e4m3 bytes are an MX tensor along either dim (``square_scales_along``): a weight cast
+    once serves the forward (contraction along K) and the dgrad (along N). The scale is the
+    tile's, from its amax as ``to_mx``'s from a block's; a tile holding NaN or Inf gets byte 255.
+    Output: ``(qdata, tile_scales)``: ``qdata`` float8_e4m3fn of ``x.shape``; ``tile_scales``
+    uint8 (.., R/32, C/32); both contiguous. R and C must be multiples of 32.
+    """
+    check_high_precision("x", x)
+    for dim in (-2, -1):
+        check_block_dim("x", x, dim)
+    mode = ScaleMode.parse(mode)
+    *lead, rows, cols = x.shape
+    tiles = x.to(torch.float32).reshape(*lead, rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE)
+    amax = tiles.abs().amax(dim=(-3, -1), keepdim=True)
+    scales = _block_scales(amax, mode)
+    qdata = (tiles * e8m0_reciprocal(scales)).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
+    return qdata.reshape(x.shape).contiguous(), scales.squeeze(-1).squeeze(-2).contiguous()
+
+
+def square_scales_along(tile_scales: torch.Tensor, dim: int) -> torch.Tensor:
+    """The per-block scales (``to_mx``'s layout) of a ``to_mx_square`` tensor read as MX blocks
+    along ``dim`` (-1 or -2): each tile's scale repeated for the 32 blocks it holds."""
+    if dim not in (-1, -2):
+        raise ValueError(f"square tiles are MX blocks along dim -1 or -2, not {dim}")
+    return tile_scales.repeat_interleave(BLOCK_SIZE, dim=-1 if dim == -2 else -2).contiguous()
+
+
 def mx_error_bound(
     x: torch.Tensor, *, dim: int = -1, mode: str | ScaleMode = ScaleMode.RCEIL
 ) -> torch.Tensor:

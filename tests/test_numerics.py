@@ -231,3 +231,54 @@ def test_unpad_token_groups_inverts_pad_token_groups(sizes: list[int], past: int
     assert torch.equal(padded_offs, numerics.padded_group_offsets(offs))
     back = numerics.unpad_token_groups(padded, offs, rows)
     assert torch.equal(back[: sum(sizes)], x[: sum(sizes)]) and not back[sum(sizes):].any()
+
+
+# --- 32 x 32 tiles (to_mx_square): one weight cast for both orientations ---------------------
+
+
+def _tiles(seed: int) -> torch.Tensor:
+    """(2, 96, 128) bf16 whose 32 x 32 tiles are up to 2**20 apart, and whose 1 x 32 blocks are up
+    to 2**6 apart within a tile."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 32, 4, 32, generator=g, dtype=torch.float64)
+    x = x * torch.exp2(torch.randint(-10, 10, (2, 3, 1, 4, 1), generator=g).double())
+    x = x * torch.exp2(torch.randint(-6, 1, (2, 3, 32, 4, 1), generator=g).double())
+    return x.reshape(2, 96, 128).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", range(4))
+def test_square_tiles_are_mx_along_either_dim_with_the_tiles_largest_block_scale(mode: str, seed: int) -> None:
+    x = _tiles(seed)
+    q, tiles = numerics.to_mx_square(x, mode=mode)
+    assert q.shape == x.shape and tiles.shape == (2, 3, 4) and tiles.dtype == torch.uint8
+    along_k, along_n = numerics.square_scales_along(tiles, -1), numerics.square_scales_along(tiles, -2)
+    assert along_k.shape == (2, 96, 4) and along_n.shape == (2, 3, 128)
+    # the same bytes, read along K or along N, are the same numbers
+    assert torch.equal(from_mx(q, along_k, dim=-1), from_mx(q, along_n, dim=-2))
+    # a tile's scale is the largest of its 1 x 32 blocks' (both rules are monotone in amax) ...
+    _, blocks = to_mx(x, dim=-1, mode=mode)
+    assert torch.equal(tiles, blocks.reshape(2, 3, 32, 4).amax(dim=2))
+    # ... and a block whose own scale is its tile's is quantized to the same bytes as by to_mx
+    own, _ = to_mx(x, dim=-1, mode=mode)
+    same = (blocks == along_k).repeat_interleave(32, dim=-1)
+    assert same.any() and torch.equal(q.view(torch.uint8)[same], own.view(torch.uint8)[same])
+    # and within to_mx's error bound for a block with the tile's (larger) scale
+    err = (from_mx(q, along_k, dim=-1, dtype=torch.float64) - x.double()).abs()
+    tile_amax = x.double().abs().reshape(2, 3, 32, 4, 32).amax(dim=(2, 4)).repeat_interleave(32, 1).repeat_interleave(32, 2)
+    bound = torch.maximum(x.double().abs() * (2.0**-3 if mode == "floor" else 2.0**-4),
+                          (tile_amax / 224.0).clamp(min=2.0**-127) * 2.0**-10)
+    assert bool((err <= bound).all())
+
+
+def test_square_tiles_with_nan_or_zero_and_bad_shapes() -> None:
+    x = torch.zeros(64, 64, dtype=torch.bfloat16)
+    x[0, 33] = float("nan")
+    x[40:, :32] = 1.0
+    q, tiles = numerics.to_mx_square(x)
+    assert tiles.tolist() == [[0, 255], [numerics.E8M0_BIAS - 8, 0]]  # rceil: 1 / 448 rounds up to 2**-8
+    assert q[:32, 32:].float().isnan().all() and not q[:32, :32].float().any()
+    with pytest.raises(ValueError, match="not a multiple of the MX block size 32"):
+        numerics.to_mx_square(torch.zeros(48, 64))
+    with pytest.raises(ValueError, match="dim -1 or -2"):
+        numerics.square_scales_along(tiles, 0)

@@ -135,7 +135,7 @@ def predict(costs: TargetCosts, role: str, tokens: int, k: int, n: int, experts:
 
 def check(costs: TargetCosts, data: dict) -> list[dict]:
     out = []
-    for r in data["composed"]:
+    for r in data.get("composed", []):
         predicted = predict(costs, r["role"], r["T"], r["K"], r["N"], r["E"])
         out.append({**r, "predicted": predicted, "error": predicted / r["speedup"] - 1})
     return out
@@ -145,7 +145,13 @@ def write_table(costs: TargetCosts, target: str, path: Path) -> None:
     """Replace ``target``'s entry between the markers in ``path`` (lowering/costs.py)."""
     text = path.read_text()
     begin, end = f"# {target} table: begin (benchmarks/fit_costs.py --write)\n", f"# {target} table: end\n"
-    entry = f"TABLES[{target!r}] = {costs!r}\n"
+    fields = [f"    measured={costs.measured!r},"]
+    for name in ("bf16", "fp8", "exact_accum_factor", "casts"):
+        fields.append(f"    {name}={{")
+        fields += [f"        {kind!r}: {value!r}," for kind, value in getattr(costs, name).items()]
+        fields.append("    },")
+    fields.append(f"    decode_us={costs.decode_us!r},")
+    entry = "\n".join([f"TABLES[{target!r}] = TargetCosts(", *fields, ")"]) + "\n"
     pattern = re.escape(begin) + ".*?" + re.escape(end)
     if not re.search(pattern, text, flags=re.S):
         raise SystemExit(f"{path} has no markers for {target}: add the lines {begin.strip()!r} and {end.strip()!r}")
@@ -166,6 +172,11 @@ def main() -> None:
     for name, err in errors.items():
         print(f"fit {name}: median error {err:.1%}")
     rows = check(costs, data)
+    if args.write:
+        write_table(costs, args.target, Path(args.write))
+    if not rows:
+        print("no composed rows to check the predictions against")
+        return
     lines = ["| role | T | K | N | E | bf16 ms | FP8 with casts ms | measured | predicted | error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['role']} | {r['T']} | {r['K']} | {r['N']} | {r['E']} | {r['ms_bf16']:.3f} | "
@@ -182,8 +193,6 @@ def main() -> None:
     print(summary)
     if args.markdown:
         Path(args.markdown).write_text("\n".join(lines + ["", summary, ""]))
-    if args.write:
-        write_table(costs, args.target, Path(args.write))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Three sections, each a list of rows in the JSON written to ``--out``:
 
 * ``gemms``: the GEMMs alone on a grid (tokens T, contraction K, output N, 8 experts with
   uniform groups): bf16 and FP8 rowwise (fast accumulation, as ``Config.fast_accum`` defaults;
-  exact accumulation at one token count) for the grouped forward (2Dx3D), the grouped wgrad
+  exact accumulation at a few shapes) for the grouped forward (2Dx3D), the grouped wgrad
   (2Dx2D, contraction over each group's tokens) and a dense linear's forward and wgrad (the
-  contraction over tokens); the grouped dgrad at one token count, to see whether its layout (B as
+  contraction over tokens); the grouped dgrad at a few shapes, to see whether its layout (B as
   stored, not transposed) changes its speed.
 * ``casts``: each cast kernel the sm90 rewrite runs, on activations (T, K) and expert weights
   (E, N, K): rows (``quantize_rebase`` of contiguous rows), rows of a transposed view (a weight's
@@ -39,7 +39,8 @@ from mxfp8_compile import numerics, ops
 
 TOKENS = (2048, 8192, 32768, 131072)
 DIMS = (512, 1024, 2048, 4096, 8192)
-ONE_TOKEN_COUNT = 32768  # where exact accumulation and the bf16 dgrad are timed
+ONE_TOKEN_COUNT = 32768  # where exact accumulation and the dgrad are timed, at K and N in SOME_DIMS
+SOME_DIMS = (1024, 4096)
 CHECK_DIMS = ((768, 1536), (1536, 768), (1024, 1024), (4096, 4096), (5120, 8192), (8192, 5120), (7168, 2048),
               (2048, 7168), (512, 8192), (8192, 512), (3072, 1024))
 EXPERTS = 8
@@ -106,15 +107,14 @@ class Problem:
 
 def gemm_rows(p: Problem, rep: int) -> list[dict]:
     rows = []
-    roles = ["grouped forward", "grouped wgrad", "dense forward", "dense wgrad"]
-    if p.tokens == ONE_TOKEN_COUNT:
-        roles.append("grouped dgrad")
+    some = p.tokens == ONE_TOKEN_COUNT and p.k in SOME_DIMS and p.n in SOME_DIMS
+    roles = ["grouped forward", "grouped wgrad", "dense forward", "dense wgrad"] + (["grouped dgrad"] if some else [])
     for role in roles:
         prepared = [p.cast(role)() for _ in range(3)]  # rotating FP8 operands
         turn = itertools.cycle(prepared)
         gemm = p.fp8(role)
         times = {"bf16": _time(p.bf16(role), rep), "fp8": _time(lambda: gemm(*next(turn)), rep)}
-        if p.tokens == ONE_TOKEN_COUNT:
+        if some:
             exact = p.fp8(role, fast_accum=False)
             times["fp8_exact"] = _time(lambda: exact(*next(turn)), rep)
         for dtype, ms in times.items():

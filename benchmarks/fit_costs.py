@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mxfp8_compile.lowering.costs import CastFit, GemmFit, TargetCosts, cast_bytes
+from mxfp8_compile.lowering.costs import CAST_KINDS, GEMM_KINDS, CastFit, GemmFit, TargetCosts, cast_bytes
 
 BF16_BYTES = 2
 # calibrate_costs.py's roles -> (GEMM kind, whether its contraction is over tokens per group)
 ROLE_KINDS = {"grouped forward": "grouped", "grouped dgrad": "grouped", "grouped wgrad": "grouped_wgrad",
-              "dense forward": "dense", "dense dgrad": "dense", "dense wgrad": "dense"}
+              "dense forward": "dense", "dense dgrad": "dense", "dense wgrad": "dense_wgrad"}
 CAST_KIND = {"rows": "rows", "weight rows": "rows", "transposed view": "transposed",
              "weight transposed view": "transposed", "token groups": "token_groups"}
 
@@ -112,13 +112,12 @@ def fit(data: dict) -> tuple[TargetCosts, dict[str, float]]:
         return round(statistics.median(ratios), 3)
 
     meta = data["meta"]
-    kinds = ("grouped", "grouped_wgrad", "dense")
     costs = TargetCosts(
         measured=f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}",
-        bf16={k: gemm(k, "bf16") for k in kinds},
-        fp8={k: gemm(k, "fp8") for k in kinds},
-        exact_accum_factor={k: exact_factor(k) for k in kinds},
-        casts={k: cast(k) for k in ("rows", "transposed", "token_groups")},
+        bf16={k: gemm(k, "bf16") for k in GEMM_KINDS},
+        fp8={k: gemm(k, "fp8") for k in GEMM_KINDS},
+        exact_accum_factor={k: exact_factor(k) for k in GEMM_KINDS},
+        casts={k: cast(k) for k in CAST_KINDS},
         decode_us=round(statistics.median(r["ms"] for r in data["casts"] if r["kind"] == "decode") * 1e3, 2),
     )
     return costs, errors

@@ -27,8 +27,9 @@ import dataclasses
 import math
 
 # GEMM kinds: the 2Dx3D grouped GEMM (forward, dgrad), the 2Dx2D grouped GEMM (wgrad: groups
-# contract over their own tokens), a dense GEMM (mm, any role)
-GEMM_KINDS = ("grouped", "grouped_wgrad", "dense")
+# contract over their own tokens), a dense GEMM (forward, dgrad) and a dense wgrad (a small
+# output contracted over every token: cuBLAS picks other kernels for it)
+GEMM_KINDS = ("grouped", "grouped_wgrad", "dense", "dense_wgrad")
 # Cast kinds: along contiguous rows, along a transposed view's rows (strided reads), along tokens
 # per group (sm90's column cast: an amax pass, then the cast)
 CAST_KINDS = ("rows", "transposed", "token_groups")
@@ -92,6 +93,33 @@ class TargetCosts:
 
 TABLES: dict[str, TargetCosts] = {}
 # sm90 table: begin (benchmarks/fit_costs.py --write)
+TABLES['sm90'] = TargetCosts(
+    measured='NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, 2026-12-07',
+    bf16={
+        'grouped': GemmFit(tflops=718.7, half=(63.4, 83.2, 102.5), overhead_us=10.99),
+        'grouped_wgrad': GemmFit(tflops=700.3, half=(23.7, 34.8, 159.1), overhead_us=8.38),
+        'dense': GemmFit(tflops=716.4, half=(0.4, 17.7, 110.1), overhead_us=1.95),
+        'dense_wgrad': GemmFit(tflops=719.5, half=(39.9, 13.6, 0.3), overhead_us=3.52),
+    },
+    fp8={
+        'grouped': GemmFit(tflops=1285.7, half=(224.0, 138.4, 308.0), overhead_us=7.28),
+        'grouped_wgrad': GemmFit(tflops=1323.7, half=(137.4, 152.4, 398.5), overhead_us=7.94),
+        'dense': GemmFit(tflops=1481.4, half=(137.0, 68.7, 375.0), overhead_us=2.84),
+        'dense_wgrad': GemmFit(tflops=1889.4, half=(462.1, 480.9, 0.3), overhead_us=3.97),
+    },
+    exact_accum_factor={
+        'grouped': 1.209,
+        'grouped_wgrad': 1.188,
+        'dense': 1.158,
+        'dense_wgrad': 1.006,
+    },
+    casts={
+        'rows': CastFit(tbps=3.512, width_half=558.5, overhead_us=1.33),
+        'transposed': CastFit(tbps=1.601, width_half=62.3, overhead_us=7.94),
+        'token_groups': CastFit(tbps=1.446, width_half=3.5, overhead_us=8.13),
+    },
+    decode_us=1.4,
+)
 # sm90 table: end
 
 

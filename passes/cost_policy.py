@@ -112,7 +112,7 @@ def _gemm_times(m: GemmMatch, config: Config, costs: TargetCosts) -> tuple[float
     layout = m.site.layout
     over_tokens = layout is Layout.GROUPED_2D2D or (layout is Layout.BATCHED and m.site.role is Role.WGRAD)
     if layout is Layout.DENSE:
-        kind, groups = "dense", 1
+        kind, groups = "dense_wgrad" if m.site.role is Role.WGRAD else "dense", 1
     else:
         groups = _hint(m.offs.meta["val"].shape[0]) if m.offs is not None else a[0]
         kind = "grouped_wgrad" if over_tokens else "grouped"

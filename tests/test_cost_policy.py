@@ -28,7 +28,8 @@ MADE_UP = costs.TargetCosts(
     bf16={kind: costs.GemmFit(500.0, (64.0, 64.0, 64.0), 5.0) for kind in costs.GEMM_KINDS},
     fp8={"grouped": costs.GemmFit(1000.0, (64.0, 64.0, 64.0), 5.0),
          "grouped_wgrad": costs.GemmFit(1000.0, (64.0, 64.0, 64.0), 5.0),
-         "dense": costs.GemmFit(400.0, (64.0, 64.0, 64.0), 5.0)},
+         "dense": costs.GemmFit(400.0, (64.0, 64.0, 64.0), 5.0),
+         "dense_wgrad": costs.GemmFit(400.0, (64.0, 64.0, 64.0), 5.0)},
     exact_accum_factor={kind: 1.2 for kind in costs.GEMM_KINDS},
     casts={kind: costs.CastFit(8.0, 1.0, 3.0) for kind in costs.CAST_KINDS},
     decode_us=2.0,
@@ -142,3 +143,22 @@ def test_symbolic_token_counts_are_predicted_at_their_hints() -> None:
             assert _ratio(str(d.decision)) <= _ratio(str(s.decision)), d.site.label
         else:  # expert GEMMs contract over K or each group's tokens: nothing padded
             assert _ratio(str(d.decision)) == _ratio(str(s.decision)), d.site.label
+
+
+@pytest.mark.usefixtures("sm90")
+def test_the_measured_sm90_table_keeps_small_widths_and_converts_real_ones() -> None:
+    table = costs.target_costs("sm90")
+    assert table is not None and re.search(r"H[12]00.*torch \d+\.\d+.*\d{4}-\d\d-\d\d", table.measured)
+    # the training benchmark's small preset (dim 768, experts of width 1536, 8192 tokens): the
+    # casts cost more than FP8 saves in every GEMM, so the step stays bf16
+    small = _plan(PRESET, Config(target="sm90"))
+    assert not small.converted() and {d.reason for _, d in small.skipped()} >= {SkipReason.NOT_FASTER}
+    # Llama4-Scout's widths (dim 5120, 16 experts of width 8192, top-1, 16384 tokens): the dense
+    # projections and the expert forward and wgrad pay
+    scout = MoEConfig(dim=5120, heads=40, layers=1, experts=16, top_k=1, expert_hidden=8192, shared_hidden=8192)
+    report = _plan(scout, Config(target="sm90"), tokens=16384)
+    entries = [e for e in report.entries if e.converted]
+    converted = collections.Counter((e.site.layout.value, e.site.role.value) for e in entries)
+    assert converted[("dense", "forward")] == 7 and converted[("dense", "wgrad")] == 7  # q k v o, 3 shared
+    assert converted[("2Dx3D", "forward")] >= 1 and converted[("2Dx2D", "wgrad")] >= 1
+    assert all(_ratio(e.decision.note) > 1.0 for e in entries)

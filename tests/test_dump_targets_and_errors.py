@@ -4,6 +4,7 @@ compilation failed in its one line."""
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,15 @@ def test_dump_after_the_report_history_is_full() -> None:
     result = mxfp8_compile.dump(linear, torch.randn(16, 64, dtype=torch.bfloat16), train=False)
     (report,) = result.reports
     assert [e.converted for e in report.entries] == [True]
+
+
+def test_a_cpu_shows_what_the_sm90_cost_model_keeps(tmp_path: Path, capsys) -> None:
+    # the example's GEMMs (dim 128) are far too small to pay for their casts on an H100
+    out = tmp_path / "dump"
+    assert main(["--example", "moe", "--layers", "1", "--train", "--target", "sm90", "--out", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "GEMMs converted to MXFP8: 0\n" in summary
+    assert "NOT_FASTER: predicted no faster in FP8" in summary and "(--no-cost-model converts them)" in summary
+    decisions = (out / "graph_0_training" / "decisions.txt").read_text()
+    ratios = [float(r) for r in re.findall(r"predicted (\d+\.\d+)x: bf16", decisions)]
+    assert len(ratios) == 30 and max(ratios) < 1.0

@@ -45,12 +45,14 @@ from mxfp8_compile.config import A2A_PAYLOADS, A2A_WGRAD_POLICIES, A2A_WIRE_FORM
 from mxfp8_compile.module_paths import describe_unread, unread_weights
 from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.hoist_quantize import a2a_payloads
-from mxfp8_compile.passes.report import PassReport, format_bytes
+from mxfp8_compile.passes.report import PassReport, SkipReason, format_bytes
 from mxfp8_compile.tools._render_detail import region_svgs
 from mxfp8_compile.tools._render_map import conversion_map_svg
 
 
 Size = int | sympy.Expr  # bytes; an expression of the sizes when they are data-dependent
+# the flag that lifts a skip reason, where this tool has one
+FLAG_HINTS = {SkipReason.NOT_FASTER: " (--no-cost-model converts them)"}
 
 
 class DumpError(Exception):
@@ -275,7 +277,8 @@ def _summary(
     lines.append(f"GEMMs converted to MXFP8: {sum(converted.values())}")
     lines += [f"  {count:4d}  {key}" for key, count in sorted(converted.items())]
     lines.append(f"GEMMs kept in high precision: {sum(kept.values())}")
-    lines += [f"  {count:4d}  {reason.name}: {reason.value}" for reason, count in sorted(kept.items(), key=lambda kv: kv[0].name)]
+    lines += [f"  {count:4d}  {reason.name}: {reason.value}{FLAG_HINTS.get(reason, '')}"
+              for reason, count in sorted(kept.items(), key=lambda kv: kv[0].name)]
     before = sum(e.site.bytes_before or 0 for r in reports for e in r.entries if e.converted)
     after = sum(e.site.bytes_after or 0 for r in reports for e in r.entries if e.converted)
     lines.append(f"operands of the converted GEMMs: {format_bytes(before)} -> {format_bytes(after)}")

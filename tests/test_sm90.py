@@ -103,7 +103,7 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
             assert scale.target == torch.ops.aten.view.dtype and scale.meta["val"].dtype == torch.float32
     # the same bars as the emulated target (test_compile_moe), which the rebase barely moves
     assert result.output >= 23 and result.input_grad >= 29 and result.worst_weight[1] >= 21
-    emulated = compare(model, lambda m: torch.compile(m, backend=mxfp8_compile.backend(inductor=False)),
+    emulated = compare(model, lambda m: torch.compile(m, backend=mxfp8_compile.backend(Config(target="emulated"), inductor=False)),
                        (x,), mse_to("random"))
     assert abs(emulated.output - result.output) < 1.0
 

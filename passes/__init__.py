@@ -25,6 +25,7 @@ from mxfp8_compile.passes import report as _report
 from mxfp8_compile.passes.cost_policy import apply_cost_policy
 from mxfp8_compile.passes.find_gemms import apply_target_rules, find_gemms
 from mxfp8_compile.passes.hoist_quantize import apply_hoists, plan_hoists
+from mxfp8_compile.passes.pin_layouts import pin_kept_grouped_layouts
 from mxfp8_compile.passes.quantize_payloads import quantize_other_payloads
 from mxfp8_compile.passes.rewrite_gemms import rewrite_gemms
 
@@ -71,6 +72,8 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     rewrite_gemms(graph, matches, config, target, keep_apart=moved)
     apply_hoists(graph, hoists)
     carried = quantize_other_payloads(graph, config, {h.site.a2a for h in hoists})
+    if any(m.decision for m in matches):
+        pin_kept_grouped_layouts(graph)
     graph.lint()
     rep = _report.PassReport(
         graph="training" if training else "inference",

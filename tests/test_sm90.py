@@ -168,3 +168,45 @@ def test_shared_activations_are_cast_once_each_way() -> None:
     for cast in groups:
         rows = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase.default and n.args[0] is cast.args[0]]
         assert len(rows) == 1, cast.args[0]
+
+
+def _cuda_checked_grouped_mm(real, seen: list[list[int]]):
+    """``torch._grouped_mm`` with CUDA's operand check (``prepare_grouped_gemm_data``) run first:
+    in a 2D x 2D grouped GEMM, an operand contiguous along the tokens it contracts needs every
+    group's token count to be a multiple of 16 bytes."""
+
+    def grouped_mm(a, b, offs=None, **kwargs):
+        if a.dim() == 2 and b.dim() == 2:
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+            seen.append(sizes.tolist())
+            for name, operand, token_dim in (("A", a, 1), ("B", b, 0)):
+                if operand.stride(token_dim) == 1:
+                    align = 16 // operand.element_size()
+                    assert bool((sizes % align == 0).all()), (
+                        f"operand {name} {tuple(operand.shape)} strides {operand.stride()} is contiguous along "
+                        f"tokens: CUDA would assert on group sizes {sizes.tolist()}")
+        return real(a, b, offs, **kwargs)
+
+    return grouped_mm
+
+
+@pytest.mark.usefixtures("pretend_sm90", "no_compile_caches")
+def test_a_grouped_wgrad_kept_in_bf16_gets_operands_cuda_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's graph hands the wgrad dy^T as a view of dy (strided along tokens), so routing may
+    # give any group size. When the rewrite moves dy's other reader (the dgrad) into a cast
+    # kernel, Inductor must still not materialise dy^T contiguous for the wgrad left in bf16
+    # (the cost model or Config.gemms keeps it): found on an H100 as a device-side assert.
+    from torch._inductor import select_algorithm
+
+    seen: list[list[int]] = []
+    monkeypatch.setattr(select_algorithm.extern_kernels, "_grouped_mm",
+                        _cuda_checked_grouped_mm(select_algorithm.extern_kernels._grouped_mm, seen))
+    torch.manual_seed(0)
+    model, (x,) = build(MoEConfig(layers=1, dim=256, heads=2, experts=8, top_k=1, expert_hidden=128,
+                                  shared_hidden=0), seq=512)
+    x = x.requires_grad_()
+    config = Config(target="sm90", cost_model=False, gemms=("forward", "dgrad"))
+    torch.compile(model, backend=mxfp8_compile.backend(config))(x).float().pow(2).mean().backward()
+    report = mxfp8_compile.last_report()
+    assert {e.site.role.value for e in report.entries if e.converted} == {"forward", "dgrad"}
+    assert seen and any(s % 8 for sizes in seen for s in sizes)  # unaligned groups reached the kept wgrads

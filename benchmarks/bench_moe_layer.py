@@ -27,6 +27,7 @@ import datetime
 import json
 import statistics
 import time
+import traceback
 
 import torch
 import torch._inductor.config
@@ -165,6 +166,7 @@ def moe_layer(shape: str, tokens: int, experts: int, checkpoint: bool, compile_r
             module = copy.deepcopy(bf16)
             rows.append({**measure(peer, module, PEERS[peer](module)), "target": "peer"})
         except Exception as e:  # noqa: BLE001  (a peer that cannot run here is a row, not the end of the run)
+            traceback.print_exc()  # the whole story in the log; the row keeps its first line
             rows.append({**base, "variant": peer, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
     return rows
 

@@ -56,14 +56,16 @@ from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 PRESETS = {
     # 8 layers, 8 experts, top-2: about 250M parameters, 8192 tokens a step
     "default": dict(model=MoEConfig(dim=768, heads=12, layers=8, experts=8, top_k=2, expert_hidden=1536,
-                                    shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=8, seq=1024),
+                                    shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=8, seq=1024, lr=1e-3),
     # Llama4-Scout's widths (dim 5120, 40 heads, 16 experts of width 8192, a shared expert of the
     # same width, top-1) in 2 layers: about 4.5B parameters, which with AdamW's two moments fit one
-    # H100 (80 GiB); 16384 tokens a step in 2 sequences of 8192
+    # H100 (80 GiB); 16384 tokens a step in 2 sequences of 8192. A lower peak learning rate: at
+    # 1e-3 the loss spiked to 30-35 in the first steps (H200, 2026-12-07)
     "llama4_width": dict(model=MoEConfig(dim=5120, heads=40, layers=2, experts=16, top_k=1, expert_hidden=8192,
-                                         shared_hidden=8192, vocab=256, rope_theta=500_000.0), batch=2, seq=8192),
+                                         shared_hidden=8192, vocab=256, rope_theta=500_000.0), batch=2, seq=8192,
+                         lr=3e-4),
     "tiny": dict(model=MoEConfig(dim=64, heads=2, layers=2, experts=8, top_k=2, expert_hidden=64,
-                                 shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=2, seq=64),
+                                 shared_hidden=0, vocab=256, rope_theta=10_000.0), batch=2, seq=64, lr=1e-3),
 }
 # run name -> the plugin's Config (None: the bf16 baseline, plain torch.compile)
 # (``mxfp8`` converts what the target's cost model predicts faster; ``mxfp8_every_gemm`` every GEMM
@@ -281,7 +283,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--heldout-batches", type=int, default=8)
@@ -298,6 +300,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of training, profile a few steps of each run and print the top N kernels")
     args = parser.parse_args()
+    args.lr = args.lr or PRESETS[args.preset]["lr"]
     args.warmup = min(args.warmup, max(1, args.steps // 10))
     args.eval_every = min(args.eval_every, args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

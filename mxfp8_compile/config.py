@@ -17,6 +17,7 @@ A2A_PAYLOADS = ("gemm_inputs", "all")
 A2A_WIRE_FORMATS = ("mxint8", "mxfp8")
 KEEP_BF16_ROLES = ("router", "lm_head")
 OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WEIGHT_BLOCKS = ("1x32", "32x32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Config:
         (default; int8 elements with an E8M0 scale per 32, OCP MXINT8: 41 dB round trip on
         Gaussian rows) or ``"mxfp8"`` (31.5 dB there, but relative precision for the small
         values of a block with an outlier). Both cost 33 bytes per 32 elements.
+    weight_blocks: the scale blocks of weights cast for the forward and the dgrad. ``"1x32"``
+        (default): MX blocks along each GEMM's contraction, a cast for each orientation.
+        ``"32x32"``: one E8M0 scale per 32x32 tile (``numerics.to_mx_square``), so one cast's
+        e4m3 bytes are MX along K for the forward and along N for the dgrad. On the emulated
+        target only so far (the numerics; no GPU kernels yet): other targets refuse it.
     sm100_ragged_groups: on sm100, hand torch's MX grouped GEMM the forward's and dgrad's token
         groups as they are (any sizes) instead of padded to multiples of 32 rows. Off by default:
         every MX 2d-3d run upstream (torch's tests, torchao) pads to 32, and ragged groups are
@@ -88,6 +94,7 @@ class Config:
     a2a_wgrad: str = "dequant"
     a2a_payloads: str = "gemm_inputs"
     a2a_wire_format: str = "mxint8"
+    weight_blocks: str = "1x32"
     sm100_ragged_groups: bool = False
 
     def __post_init__(self) -> None:
@@ -96,6 +103,7 @@ class Config:
         _check_choice("a2a_wgrad", self.a2a_wgrad, A2A_WGRAD_POLICIES)
         _check_choice("a2a_payloads", self.a2a_payloads, A2A_PAYLOADS)
         _check_choice("a2a_wire_format", self.a2a_wire_format, A2A_WIRE_FORMATS)
+        _check_choice("weight_blocks", self.weight_blocks, WEIGHT_BLOCKS)
         if isinstance(self.fast_accum, bool):
             object.__setattr__(self, "fast_accum", GEMM_ROLES if self.fast_accum else ())
         for name in ("gemms", "include_fqns", "exclude_fqns", "keep_bf16_roles", "keep_bf16_modules",

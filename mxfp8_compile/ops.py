@@ -91,6 +91,23 @@ def _quantize_fake(x: Tensor, dim: int = -1, mode: str = "rceil") -> tuple[Tenso
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(_scales_shape(x.shape, dim), dtype=_U8)
 
 
+@torch.library.custom_op("mxfp8::quantize_square", mutates_args=())
+def quantize_square(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    """MX-quantize ``x`` (.., R, C) with one scale per 32x32 tile: ``numerics.to_mx_square``
+    (the reference on every device; no kernel yet)."""
+    return numerics.to_mx_square(x, mode=mode)
+
+
+@quantize_square.register_fake
+def _quantize_square_fake(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    numerics.check_high_precision("x", x)
+    for dim in (-2, -1):
+        numerics.check_block_dim("x", x, dim)
+    numerics.ScaleMode.parse(mode)
+    tiles = _scales_shape(_scales_shape(x.shape, x.dim() - 1), x.dim() - 2)
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(tiles, dtype=_U8)
+
+
 @torch.library.custom_op("mxfp8::pad_to_block", mutates_args=())
 def pad_to_block(x: Tensor, dim: int) -> Tensor:
     """``x`` zero-padded along ``dim`` to a multiple of 32: ``numerics.pad_to_block``. For a

@@ -56,7 +56,7 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     all-to-alls that deliver their rows (and, if the config says so, carry the other token
     all-to-alls in MXFP8); record and emit the report."""
     import mxfp8_compile.ops  # noqa: F401  (the rewrite inserts them)
-    from mxfp8_compile.lowering.targets import choose_target
+    from mxfp8_compile.lowering.targets import check_weight_blocks, choose_target
 
     training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
     capture = _report.capturing_graphs() or bool(os.environ.get("TORCH_TRACE"))
@@ -64,6 +64,8 @@ def run_joint_passes(graph: fx.Graph, config: Config) -> _report.PassReport:
     matches = find_gemms(graph, config)
     converted = [m for m in matches if m.decision]
     choice = choose_target(config, converted[0].a.node.meta["val"].device) if converted else None
+    if choice:
+        check_weight_blocks(config, choice)
     target = choice.target if choice else "none"
     matches = apply_target_rules(matches, target)
     matches = apply_cost_policy(matches, config, target)

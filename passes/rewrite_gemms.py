@@ -61,6 +61,7 @@ kernel that reads it once::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Callable
 
@@ -82,7 +83,7 @@ def rewrite_gemms(
 ) -> None:
     """Rewrite every converted match in place, for ``target``. ``keep_apart``: nodes whose casts
     must stay separate ops (the rows a hoist moves: it moves the row cast alone)."""
-    casts = _Casts(matches, target, config.scale_mode, keep_apart)
+    casts = _Casts(matches, target, config.scale_mode, keep_apart, square_weights=config.weight_blocks == "32x32")
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten GEMM's node -> what now computes it
     for match in matches:
         if match.decision:
@@ -194,8 +195,10 @@ class _Casts:
     where its GEMM reads it.
     """
 
-    def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node]) -> None:
-        self.target, self.rebased, self.mode = target, target == "sm90", mode
+    def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node],
+                 square_weights: bool = False) -> None:
+        self.target, self.rebased, self.mode, self.square_weights = target, target == "sm90", mode, square_weights
+        self.squares: dict[fx.Node, list[fx.Node]] = {}
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
         rows = {cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
                 if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
@@ -210,6 +213,22 @@ class _Casts:
         if key in self.shared:
             return self._shared(n, key)[:2]
         return self._rows(n, n.transposed(node) if transposed else node)
+
+    def weight(self, n: _Nodes, node: fx.Node, transposed: bool) -> list[fx.Node]:
+        """``(data, scales)`` of B's transpose along its last dim, as ``rows``; with square weight
+        blocks, a graph input's (a weight's) one cast in 32x32 tiles, read along K (forward) or
+        along N (dgrad: the same bytes transposed)."""
+        source = _square_source(node, transposed) if self.square_weights else None
+        if source is None:
+            return self.rows(n, node, transposed, None)
+        weight, across = source
+        if weight not in self.squares:
+            self.squares[weight] = n.multi(mxfp8.quantize_square.default, weight, self.mode)
+        data, tiles = self.squares[weight]
+        if not across:
+            return [data, n.traced(functools.partial(numerics.square_scales_along, dim=-1), tiles)]
+        scales = n.traced(functools.partial(numerics.square_scales_along, dim=-2), tiles)
+        return [n.transposed(data), n.transposed(scales)]
 
     def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
         """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""
@@ -235,6 +254,32 @@ class _Casts:
                 both = n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode)
             self.outputs[key] = both
         return self.outputs[key]
+
+
+def _square_source(node: fx.Node, transposed: bool) -> tuple[fx.Node, bool] | None:
+    """``(weight, across)`` where ``node`` (or its transpose) is graph input ``weight`` (.., R, C),
+    possibly through transposes of its last two dims, read along its last dim (``across``
+    False) or along dim -2 (True); None for a computed node or one that 32x32 tiles do not fit
+    (its last two dims static multiples of 32)."""
+    while node.op == "call_function" and _swaps_last_two(node):
+        node, transposed = node.args[0], not transposed
+    if node.op != "placeholder":
+        return None
+    if not all(isinstance(d, int) and d % numerics.BLOCK_SIZE == 0 for d in node.meta["val"].shape[-2:]):
+        return None
+    return node, transposed
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """Whether ``node`` is a transpose of its input's last two dims (and moves nothing else)."""
+    rank = node.meta["val"].dim()
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.transpose.int:
+        return {d % rank for d in node.args[1:3]} == {rank - 2, rank - 1}
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [*range(rank - 2), rank - 1, rank - 2]
+    return False
 
 
 class _Nodes:
@@ -270,7 +315,7 @@ def _cast_operands(m: GemmMatch, n: _Nodes) -> tuple[fx.Node, ...]:
         qb, sb, _ = n.casts.token_groups(n, m.b.node, m.b.transposed, m.offs)
         return qa, sa, qb, sb, padded_offs
     qa, sa = n.casts.rows(n, m.a.node, m.a.transposed, m.offs)
-    qbt, sbt = n.casts.rows(n, m.b.node, not m.b.transposed, None)
+    qbt, sbt = n.casts.weight(n, m.b.node, not m.b.transposed)
     return qa, sa, qbt, sbt, m.offs
 
 

@@ -24,6 +24,7 @@ from mxfp8_compile import Config
         ({"fast_accum": ("fwd",)}, ValueError, r"Config.fast_accum: 'fwd' is not allowed; allowed values: 'forward', 'dgrad', 'wgrad'"),
         ({"fast_accum": "forward"}, TypeError, r"Config.fast_accum must be a sequence of strings, got 'forward'"),
         ({"a2a_wire_format": "int8"}, ValueError, r"Config.a2a_wire_format: 'int8' is not allowed; allowed values: 'mxint8', 'mxfp8'"),
+        ({"weight_blocks": "16x16"}, ValueError, r"Config.weight_blocks: '16x16' is not allowed; allowed values: '1x32', '32x32'"),
         ({"a2a_wgrad": "bf16"}, ValueError, r"Config.a2a_wgrad: 'bf16' is not allowed; allowed values: 'dequant', 'requant', 'bf16_a2a'"),
     ],
 )

@@ -51,6 +51,7 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.quantize_token_groups_transposed, (dy, offs), {}),
         (ops.dequantize, (q, s, -1, torch.float32), {}),
         (ops.quantize_mxint8, (w,), {"dim": 1}),
+        (ops.quantize_square, (w,), {"mode": "floor"}),
         (ops.dequantize_mxint8, (*ops.quantize_mxint8(x), -1, BF16), {}),
         (ops.to_blocked, (s,), {}),
         (ops.to_blocked, (sw.transpose(-2, -1).contiguous(),), {}),

@@ -51,6 +51,13 @@ op pads the groups' rows to 32 unless ``Config.sm100_ragged_groups``), B's per e
 
 A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
 
+With ``Config.weight_blocks="32x32"`` (the emulated target so far), a weight that B reads (a
+graph input, through transposes) is cast once, in 32x32 tiles, for its forward and its dgrad::
+
+    qw, tiles = mxfp8.quantize_square(w, mode)                   # w (.., N, K)
+    forward: qw, square_scales_along(tiles, -1)                  # along K
+    dgrad:   qw^T, square_scales_along(tiles, -2)^T              # the same bytes along N
+
 On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad along tokens
 (the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``); on sm100 in one
 kernel that reads it once::

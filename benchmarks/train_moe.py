@@ -300,7 +300,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of training, profile a few steps of each run and print the top N kernels")
     args = parser.parse_args()
-    args.lr = args.lr or PRESETS[args.preset]["lr"]
+    if args.lr is None:
+        args.lr = PRESETS[args.preset]["lr"]
     args.warmup = min(args.warmup, max(1, args.steps // 10))
     args.eval_every = min(args.eval_every, args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,10 +25,9 @@ GROUPED_MM = torch.ops.aten._grouped_mm.default
 FORCE_STRIDE_ORDER = torch.ops.prims.inductor_force_stride_order.default
 
 
-def pin_kept_grouped_layouts(graph: fx.Graph) -> int:
-    """Pin the tensor operands of every ``aten._grouped_mm`` in ``graph`` to their traced strides;
-    returns how many operands were pinned. Run only on a graph the rewrite changed."""
-    pinned = 0
+def pin_kept_grouped_layouts(graph: fx.Graph) -> None:
+    """Pin the tensor operands of every ``aten._grouped_mm`` in ``graph`` to their traced strides.
+    Run only on a graph the rewrite changed."""
     for node in list(graph.find_nodes(op="call_function", target=GROUPED_MM)):
         for operand in node.args[:2]:
             if not isinstance(operand, fx.Node) or operand.target is FORCE_STRIDE_ORDER:
@@ -38,5 +37,3 @@ def pin_kept_grouped_layouts(graph: fx.Graph) -> int:
                 pin = graph.call_function(FORCE_STRIDE_ORDER, (operand, list(val.stride())))
             pin.meta.update(operand.meta)
             node.replace_input_with(operand, pin)
-            pinned += 1
-    return pinned

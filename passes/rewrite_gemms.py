@@ -168,14 +168,19 @@ def _resolved(m: GemmMatch, replaced: dict[fx.Node, fx.Node]) -> GemmMatch:
 # An activation as the casts see it: (node, transposed, offs), the 2D tensor node (or node^T)
 # cast within the token groups ending at offs.
 CastKey = tuple[fx.Node, bool, fx.Node | None]
-_TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
 
 
 def cast_key(node: fx.Node, transposed: bool, offs: fx.Node | None) -> CastKey:
     """The key of 2D ``node`` (or its transpose), through transposes: a wgrad's ``dy^T`` is dy."""
-    while node.target in _TRANSPOSES and node.meta["val"].dim() == 2:
+    return *_through_transposes(node, transposed, only_2d=True), offs
+
+
+def _through_transposes(node: fx.Node, transposed: bool, only_2d: bool = False) -> tuple[fx.Node, bool]:
+    """``(source, transposed)``: ``node`` (or its transpose) as the node it transposes the last
+    two dims of, through any number of such transposes (of 2D nodes alone if ``only_2d``)."""
+    while node.op == "call_function" and (not only_2d or node.meta["val"].dim() == 2) and _swaps_last_two(node):
         node, transposed = node.args[0], not transposed
-    return node, transposed, offs
+    return node, transposed
 
 
 # The token-group cast of each target (op names: the ops register on first compile): sm90 and
@@ -268,8 +273,7 @@ def _square_source(node: fx.Node, transposed: bool) -> tuple[fx.Node, bool] | No
     possibly through transposes of its last two dims, read along its last dim (``across``
     False) or along dim -2 (True); None for a computed node or one that 32x32 tiles do not fit
     (its last two dims static multiples of 32)."""
-    while node.op == "call_function" and _swaps_last_two(node):
-        node, transposed = node.args[0], not transposed
+    node, transposed = _through_transposes(node, transposed)
     if node.op != "placeholder":
         return None
     if not all(isinstance(d, int) and d % numerics.BLOCK_SIZE == 0 for d in node.meta["val"].shape[-2:]):

@@ -119,6 +119,15 @@ def check_tokens(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2D (tokens, features), got shape {tuple(x.shape)}")
 
 
+def check_tile_scales(x: torch.Tensor, tile_scales: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``tile_scales`` can be x's 32x32 tile scales: uint8
+    (.., R/32, C/32) for x (.., R, C)."""
+    want = (*x.shape[:-2], x.shape[-2] // BLOCK_SIZE, x.shape[-1] // BLOCK_SIZE)
+    if tuple(tile_scales.shape) != want or tile_scales.dtype != torch.uint8:
+        raise ValueError(f"tile_scales of x {tuple(x.shape)} must be uint8 {want}, "
+                         f"got {tile_scales.dtype} {tuple(tile_scales.shape)}")
+
+
 def check_qdata(
     name: str, qdata: torch.Tensor, scales: torch.Tensor, dim: int, data_dtype: torch.dtype = torch.float8_e4m3fn
 ) -> int:
@@ -247,7 +256,7 @@ def from_mx(
 
 
 def to_mx_square(
-    x: torch.Tensor, *, mode: str | ScaleMode = ScaleMode.RCEIL
+    x: torch.Tensor, *, mode: str | ScaleMode = ScaleMode.RCEIL, tile_scales: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (.., R, C) to MXFP8 with one scale per 32 x 32 tile of its last two dims.
 
@@ -255,6 +264,9 @@ def to_mx_square(
     same e4m3 bytes are an MX tensor along either dim (``square_scales_along``): a weight cast
     once serves the forward (contraction along K) and the dgrad (along N). The scale is the
     tile's, from its amax as ``to_mx``'s from a block's; a tile holding NaN or Inf gets byte 255.
+    ``tile_scales`` (.., R/32, C/32) uint8, if given, are used instead of x's own: x's, known from
+    an earlier cast (of x's transpose, whose tile scales are these transposed), so that a second
+    cast need not find the tile maxima again.
     Output: ``(qdata, tile_scales)``: ``qdata`` float8_e4m3fn of ``x.shape``; ``tile_scales``
     uint8 (.., R/32, C/32); both contiguous. R and C must be multiples of 32.
     """
@@ -264,8 +276,11 @@ def to_mx_square(
     mode = ScaleMode.parse(mode)
     *lead, rows, cols = x.shape
     tiles = x.to(torch.float32).reshape(*lead, rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE)
-    amax = tiles.abs().amax(dim=(-3, -1), keepdim=True)
-    scales = _block_scales(amax, mode)
+    if tile_scales is None:
+        scales = _block_scales(tiles.abs().amax(dim=(-3, -1), keepdim=True), mode)
+    else:
+        check_tile_scales(x, tile_scales)
+        scales = tile_scales[..., :, None, :, None]
     qdata = (tiles * e8m0_reciprocal(scales)).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
     return qdata.reshape(x.shape).contiguous(), scales.squeeze(-1).squeeze(-2).contiguous()
 
@@ -649,6 +664,15 @@ def _shift_to(
     """``qdata * 2**(scales - target)`` rounded to e4m3, scales broadcast along ``dim``."""
     shift = (scales.to(torch.int32) - target.to(torch.int32)).repeat_interleave(BLOCK_SIZE, dim)
     return torch.ldexp(qdata.to(torch.float32), shift.to(torch.float32)).to(torch.float8_e4m3fn)
+
+
+def rebase_square(
+    qdata: torch.Tensor, tile_scales: torch.Tensor, *, dim: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SM90 rowwise rebase (``rebase_rowwise``) of a ``to_mx_square`` tensor read along ``dim``
+    (-1 or -2): each contraction row's scale is the largest tile scale of its 32-row strip, so
+    the row scales come from the tile grid, not from another read of the data."""
+    return rebase_rowwise(qdata, square_scales_along(tile_scales, dim), dim=dim)
 
 
 def rebase_token_groups(

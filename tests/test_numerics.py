@@ -282,3 +282,24 @@ def test_square_tiles_with_nan_or_zero_and_bad_shapes() -> None:
         numerics.to_mx_square(torch.zeros(48, 64))
     with pytest.raises(ValueError, match="dim -1 or -2"):
         numerics.square_scales_along(tiles, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_other_orientation_comes_from_the_tile_grid(mode: str) -> None:
+    x = _tiles(0)
+    q, tiles = numerics.to_mx_square(x, mode=mode)
+    # the transpose, cast with the transposed tile scales, is the same bytes transposed
+    qt, tt = numerics.to_mx_square(x.mT, mode=mode, tile_scales=tiles.mT)
+    assert torch.equal(qt.view(torch.uint8), q.mT.contiguous().view(torch.uint8)) and torch.equal(tt, tiles.mT)
+    for dim, strips in ((-1, tiles.amax(dim=-1)), (-2, tiles.amax(dim=-2))):
+        rebased, row_scales = numerics.rebase_square(q, tiles, dim=dim)
+        # each contraction row's scale is its 32-row strip's largest tile scale
+        assert torch.equal(row_scales, strips.repeat_interleave(32, dim=-1))
+        # tiles at that scale keep their bytes; the others are the same numbers, shifted
+        along = numerics.square_scales_along(tiles, dim)
+        unshifted = (along == row_scales.unsqueeze(dim)).repeat_interleave(32, dim=dim)
+        assert unshifted.any() and not unshifted.all()
+        assert torch.equal(rebased.view(torch.uint8)[unshifted], q.view(torch.uint8)[unshifted])
+        assert torch.equal(rebased, numerics.rebase_rowwise(q, along, dim=dim)[0])
+    with pytest.raises(ValueError, match=r"tile_scales of x \(2, 96, 128\) must be uint8 \(2, 3, 4\), got torch.uint8 \(2, 4, 3\)"):
+        numerics.to_mx_square(x, tile_scales=tiles.mT)

@@ -60,6 +60,49 @@ def token_group_inputs(device: str, large: bool) -> list[tuple[torch.Tensor, tor
     return [(x.to(device), torch.tensor(offs, dtype=torch.int32, device=device)) for x, offs in cases]
 
 
+def square_inputs(device: str, large: bool) -> list[torch.Tensor]:
+    """Weights for the 32x32-tile casts: special values in some tiles, a binade per row (tile
+    scales apart within a strip: shifts into e4m3's subnormals), transposed views, widths past
+    one (32, BLOCK_C) tile with a partial last one, batch dims that do not flatten to a view."""
+    g = torch.Generator().manual_seed(2)
+    special = torch.cat([c.tensor().float() for c in CASES]).reshape(-1, 32)  # one special block a row
+    with_special = torch.randn(64, 3 * 32, generator=g)
+    with_special[: special.shape[0], 32:64] = special
+    rows = torch.randn(4, 96, 352, generator=g) * torch.exp2(torch.randint(-130, 100, (4, 96, 1), generator=g).float())
+    cases = [
+        with_special,
+        with_special.bfloat16(),
+        rows.bfloat16(),
+        rows.transpose(-2, -1),  # a weight read along N: its transposed view, in place
+        torch.randn(32, 5, 64, generator=g).permute(1, 2, 0)[..., :32],  # (5, 64, 32), strided
+        torch.randn(3, 2, 64, 32, generator=g).transpose(0, 1),  # batch dims that do not flatten
+        torch.empty(0, 64, 32),
+    ]
+    if large:
+        cases += [torch.randn(4, 1024, 5120, generator=g).bfloat16(),
+                  torch.randn(4, 2048, 1024, generator=g).bfloat16().transpose(-2, -1)]
+    return [c.to(device) for c in cases]
+
+
+def _square_mismatches(device: str, large: bool, mode: str) -> list[str | None]:
+    """``quantize_rebase_square`` against numerics: finding the tile scales along the last dim,
+    then the other orientation (the transposed view) with those tile scales."""
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square
+
+    failures = []
+    for x in square_inputs(device, large):
+        q, tiles = numerics.to_mx_square(x.cpu(), mode=mode)
+        want = (*numerics.rebase_square(q, tiles, dim=-1), tiles)
+        got = quantize_rebase_square(x, mode)
+        failures += [_byte_mismatch(f"square {mode} {part}", x, g, w)
+                     for part, g, w in zip(("data", "row scales", "tile scales"), got, want, strict=True)]
+        rq, rs = numerics.rebase_square(q, tiles, dim=-2)
+        got = quantize_rebase_square(x.mT, mode, tile_scales=got[2].mT)
+        failures += [_byte_mismatch(f"square given tiles {mode} {part}", x, g, w)
+                     for part, g, w in zip(("data", "row scales"), got[:2], (rq.mT, rs), strict=True)]
+    return failures
+
+
 def _byte_mismatch(what: str, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> str | None:
     got, want = got.cpu().view(torch.uint8), want.view(torch.uint8)
     if torch.equal(got, want):
@@ -137,6 +180,7 @@ def _mismatches(device: str, large: bool) -> list[str]:
             want = (*numerics.to_mx(x.cpu(), mode=mode), *transposed)
             failures += _parts_mismatch(f"MX rows and token groups {offs.tolist()} {mode}", x,
                                         quantize_rows_and_token_groups(x, offs, mode), want)
+        failures += _square_mismatches(device, large, mode)
     return [f for f in failures if f]
 
 

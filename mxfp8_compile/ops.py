@@ -24,6 +24,10 @@ to_blocked_k_groups        scales (R, Mp/32), padded offs -> per-group blocked s
 rebase_rowwise             (qdata, scales, dim) -> (rebased e4m3, one u8 scale per row)  (SM90)
 quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Triton on CUDA; under
                            Inductor a template that fuses its producer, lowering/inductor_quantize.py)
+quantize_rebase_square     x (.., R, C) -> to_mx_square then rebase_square along C: (rebased, row
+                           scales (.., R), tile scales (.., R/32, C/32)) (SM90, 32x32 weights)
+quantize_rebase_with_tiles  (x, its tile scales) -> (rebased, row scales): the other orientation
+                           (x.mT and the tiles transposed), x read once on CUDA
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
                            data transposed (K, Mp) (Triton on CUDA)
@@ -98,14 +102,18 @@ def quantize_square(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     return numerics.to_mx_square(x, mode=mode)
 
 
-@quantize_square.register_fake
-def _quantize_square_fake(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+def _square_tiles_shape(x: Tensor, mode: str) -> list[int]:
+    """Check the arguments of a 32x32-tile cast of x; the shape of its tile scales."""
     numerics.check_high_precision("x", x)
     for dim in (-2, -1):
         numerics.check_block_dim("x", x, dim)
     numerics.ScaleMode.parse(mode)
-    tiles = _scales_shape(_scales_shape(x.shape, x.dim() - 1), x.dim() - 2)
-    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(tiles, dtype=_U8)
+    return _scales_shape(_scales_shape(x.shape, x.dim() - 1), x.dim() - 2)
+
+
+@quantize_square.register_fake
+def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(_square_tiles_shape(x, mode), dtype=_U8)
 
 
 @torch.library.custom_op("mxfp8::pad_to_block", mutates_args=())
@@ -340,6 +348,52 @@ def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     numerics.check_high_precision("x", x)
     numerics.check_block_dim("x", x, -1)
     numerics.ScaleMode.parse(mode)
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8)
+
+
+@torch.library.custom_op("mxfp8::quantize_rebase_square", mutates_args=())
+def quantize_rebase_square(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    """MX-quantize ``x`` (.., R, C) in 32x32 tiles, then rebase along its last dim:
+    ``numerics.rebase_square(*numerics.to_mx_square(x))`` and the tile scales (.., R/32, C/32),
+    which let the other orientation's cast (``quantize_rebase_with_tiles`` of ``x.mT``) skip
+    the tile maxima. One Triton kernel on CUDA."""
+    qdata, tiles = numerics.to_mx_square(x, mode=mode)
+    return *numerics.rebase_square(qdata, tiles, dim=-1), tiles
+
+
+@quantize_rebase_square.register_kernel("cuda")
+def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square as kernel
+
+    return kernel(x, mode)
+
+
+@quantize_rebase_square.register_fake
+def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+    tiles = _square_tiles_shape(x, mode)
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8), x.new_empty(tiles, dtype=_U8)
+
+
+@torch.library.custom_op("mxfp8::quantize_rebase_with_tiles", mutates_args=())
+def quantize_rebase_with_tiles(x: Tensor, tile_scales: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    """``quantize_rebase_square``'s data and row scales of ``x`` given its tile scales (those of
+    ``x.mT``'s cast, transposed): ``numerics.rebase_square(*numerics.to_mx_square(x,
+    tile_scales=tile_scales))``. On CUDA one Triton kernel that reads x once."""
+    qdata, tiles = numerics.to_mx_square(x, mode=mode, tile_scales=tile_scales)
+    return numerics.rebase_square(qdata, tiles, dim=-1)
+
+
+@quantize_rebase_with_tiles.register_kernel("cuda")
+def _(x: Tensor, tile_scales: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square as kernel
+
+    return kernel(x, mode, tile_scales=tile_scales)[:2]
+
+
+@quantize_rebase_with_tiles.register_fake
+def _(x: Tensor, tile_scales: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    _square_tiles_shape(x, mode)
+    numerics.check_tile_scales(x, tile_scales)
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8)
 
 

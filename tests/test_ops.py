@@ -52,6 +52,8 @@ def _all_op_calls(moe: dict[str, torch.Tensor]) -> list[tuple[object, tuple, dic
         (ops.dequantize, (q, s, -1, torch.float32), {}),
         (ops.quantize_mxint8, (w,), {"dim": 1}),
         (ops.quantize_square, (w,), {"mode": "floor"}),
+        (ops.quantize_rebase_square, (w.transpose(-2, -1),), {"mode": "floor"}),
+        (ops.quantize_rebase_with_tiles, (w, ops.quantize_rebase_square(w.mT)[2].mT), {}),
         (ops.dequantize_mxint8, (*ops.quantize_mxint8(x), -1, BF16), {}),
         (ops.to_blocked, (s,), {}),
         (ops.to_blocked, (sw.transpose(-2, -1).contiguous(),), {}),

@@ -137,16 +137,17 @@ def choose_target(config: Config, device: torch.device | None) -> TargetChoice:
 
 
 # the targets whose casts implement each Config.weight_blocks
-WEIGHT_BLOCK_TARGETS = {"1x32": ("sm100", "sm90", "emulated"), "32x32": ("emulated",)}
+WEIGHT_BLOCK_TARGETS = {"1x32": ("sm100", "sm90", "emulated"), "32x32": ("sm90", "emulated")}
 
 
 def check_weight_blocks(config: Config, choice: TargetChoice) -> None:
     """Raise ``ValueError`` if ``choice``'s target cannot cast weights in ``config.weight_blocks``
     (no silent fallback: another target or block shape changes speed or numerics)."""
     if choice.target not in WEIGHT_BLOCK_TARGETS[config.weight_blocks]:
-        supported = " and ".join(WEIGHT_BLOCK_TARGETS[config.weight_blocks])
+        supported = WEIGHT_BLOCK_TARGETS[config.weight_blocks]
         raise ValueError(
-            f"Config(weight_blocks={config.weight_blocks!r}) runs on the {supported} target only so far; "
+            f"Config(weight_blocks={config.weight_blocks!r}) runs on the {' and '.join(supported)} "
+            f"target{'s' * (len(supported) > 1)} only so far; "
             f"this graph's target is {choice.target} ({choice.why}). Use weight_blocks='1x32' there, "
             f"or target='emulated' to study the numerics."
         )

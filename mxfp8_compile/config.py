@@ -71,7 +71,9 @@ class Config:
         (default): MX blocks along each GEMM's contraction, a cast for each orientation.
         ``"32x32"``: one E8M0 scale per 32x32 tile (``numerics.to_mx_square``), so one cast's
         e4m3 bytes are MX along K for the forward and along N for the dgrad. On the emulated
-        target only so far (the numerics; no GPU kernels yet): other targets refuse it.
+        target and on sm90, whose forward finds the tile scales as it casts and whose dgrad
+        reads them instead of the weight's maxima (each orientation rebased from the tile grid:
+        two reads of the weight a step instead of three); sm100 refuses it (no kernels yet).
     sm100_ragged_groups: on sm100, hand torch's MX grouped GEMM the forward's and dgrad's token
         groups as they are (any sizes) instead of padded to multiples of 32 rows. Off by default:
         every MX 2d-3d run upstream (torch's tests, torchao) pads to 32, and ragged groups are

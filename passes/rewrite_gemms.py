@@ -51,12 +51,18 @@ op pads the groups' rows to 32 unless ``Config.sm100_ragged_groups``), B's per e
 
 A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
 
-With ``Config.weight_blocks="32x32"`` (the emulated target so far), a weight that B reads (a
-graph input, through transposes) is cast once, in 32x32 tiles, for its forward and its dgrad::
+With ``Config.weight_blocks="32x32"`` (emulated and sm90), a weight that B reads (a graph
+input, through transposes) is cast in 32x32 tiles: once for its forward and its dgrad on the
+emulated target; on sm90 once per orientation, both rebased from one grid of tile scales, which
+the first cast finds and the second reads instead of the weight's maxima (the partitioner saves
+those few bytes for the backward, not an e4m3 copy of the weight)::
 
-    qw, tiles = mxfp8.quantize_square(w, mode)                   # w (.., N, K)
+    qw, tiles = mxfp8.quantize_square(w, mode)                   # w (.., N, K); emulated
     forward: qw, square_scales_along(tiles, -1)                  # along K
     dgrad:   qw^T, square_scales_along(tiles, -2)^T              # the same bytes along N
+
+    rw, sw, tiles = mxfp8.quantize_rebase_square(w, mode)        # sm90 forward, along K
+    rwt, swt = mxfp8.quantize_rebase_with_tiles(w^T, tiles^T, mode)   # dgrad, along N
 
 On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad along tokens
 (the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``); on sm100 in one
@@ -210,7 +216,8 @@ class _Casts:
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node],
                  square_weights: bool = False) -> None:
         self.target, self.rebased, self.mode, self.square_weights = target, target == "sm90", mode, square_weights
-        self.squares: dict[fx.Node, list[fx.Node]] = {}
+        self.squares: dict[fx.Node, list[fx.Node]] = {}  # emulated: a weight's (data, tile scales)
+        self.tiles: dict[tuple[fx.Node, bool], fx.Node] = {}  # sm90: (weight, across) -> its tile scales
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
         rows = {cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
                 if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
@@ -234,6 +241,8 @@ class _Casts:
         if source is None:
             return self.rows(n, node, transposed, None)
         weight, across = source
+        if self.rebased:
+            return self._rebased_square(n, weight, across)
         if weight not in self.squares:
             self.squares[weight] = n.multi(mxfp8.quantize_square.default, weight, self.mode)
         data, tiles = self.squares[weight]
@@ -241,6 +250,19 @@ class _Casts:
             return [data, n.traced(functools.partial(numerics.square_scales_along, dim=-1), tiles)]
         scales = n.traced(functools.partial(numerics.square_scales_along, dim=-2), tiles)
         return [n.transposed(data), n.transposed(scales)]
+
+    def _rebased_square(self, n: _Nodes, weight: fx.Node, across: bool) -> list[fx.Node]:
+        """sm90: the rowwise operand of ``weight`` (or of its transpose, ``across``) in 32x32
+        tiles. The first GEMM to read the weight finds its tile scales; the others read them
+        (transposed for the other orientation) instead of the weight's maxima."""
+        x = n.transposed(weight) if across else weight
+        key, other = (weight, across), (weight, not across)
+        if key not in self.tiles and other in self.tiles:
+            self.tiles[key] = n.transposed(self.tiles[other])
+        if key in self.tiles:
+            return n.multi(mxfp8.quantize_rebase_with_tiles.default, x, self.tiles[key], self.mode)
+        data, scales, self.tiles[key] = n.multi(mxfp8.quantize_rebase_square.default, x, self.mode)
+        return [data, scales]
 
     def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
         """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""

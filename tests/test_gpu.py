@@ -89,7 +89,8 @@ def test_rebase_sqnr_on_outlier_activations(outlier: float) -> None:
 
 
 @pytest.mark.usefixtures("no_compile_caches")  # a cache hit skips the pass and its report
-def test_moe_model_with_inductor_on_sm90() -> None:
+@pytest.mark.parametrize("weight_blocks", ["1x32", "32x32"])
+def test_moe_model_with_inductor_on_sm90(weight_blocks: str) -> None:
     torch.manual_seed(0)
     model, (x,) = build(MoEConfig(layers=1, dim=1024, expert_hidden=1024, shared_hidden=1024), seq=512)
     model, x = model.cuda(), x.cuda()
@@ -98,14 +99,15 @@ def test_moe_model_with_inductor_on_sm90() -> None:
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     # torchao's scope (experts converted): the routers see the same bf16 inputs in both runs,
     # so no top-k choice flips and the comparison measures the GEMMs.
-    out = torch.compile(model, backend="mxfp8", options={"include_fqns": ["experts"], "cost_model": False})(x1)
+    options = {"include_fqns": ["experts"], "cost_model": False, "weight_blocks": weight_blocks}
+    out = torch.compile(model, backend="mxfp8", options=options)(x1)
     F.mse_loss(out.float(), target).backward()
     report = mxfp8_compile.last_report()
     assert report.target == "sm90" and sum(s.fqn.endswith("experts") for s in report.converted()) == 9
     ref = torch.compile(reference)(x2)
     F.mse_loss(ref.float(), target).backward()
     worst = min((sqnr(p.grad, q.grad), name) for (name, p), q in zip(reference.named_parameters(), model.parameters()))
-    print(f"sm90 vs torch.compile bf16: output {sqnr(ref, out):.1f} dB, input grad "
+    print(f"sm90 {weight_blocks} weights vs torch.compile bf16: output {sqnr(ref, out):.1f} dB, input grad "
           f"{sqnr(x2.grad, x1.grad):.1f} dB, worst weight grad {worst}")
     assert sqnr(ref, out) >= 23 and sqnr(x2.grad, x1.grad) >= 29 and worst[0] >= 21, worst
 
@@ -119,10 +121,13 @@ def test_quantize_rebase_kernel_is_bit_exact() -> None:
 def test_cast_ops_run_their_triton_kernels() -> None:
     x = torch.randn(256, 512, device="cuda", dtype=BF16)
     offs = torch.tensor([100, 256], device="cuda", dtype=torch.int32)
+    tiles = ops.quantize_rebase_square(x)[2]
     for call, expected in (
         (lambda: ops.quantize_rebase(x), ["_quantize_rebase_rows_kernel"]),
         (lambda: ops.quantize_rebase(x.t()), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
         (lambda: ops.quantize_rebase_token_groups(x, offs), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
+        (lambda: ops.quantize_rebase_square(x), ["_quantize_rebase_square_kernel"]),
+        (lambda: ops.quantize_rebase_with_tiles(x.t(), tiles.t()), ["_quantize_rebase_square_kernel"]),
         (lambda: ops.quantize_rows_and_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize(x), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),

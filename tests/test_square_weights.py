@@ -1,9 +1,11 @@
 """Square-block weights (``Config.weight_blocks="32x32"``): each weight cast once, in 32x32
-tiles, for both the forward (along K) and the dgrad (along N); the emulated target only."""
+tiles, for both the forward (along K) and the dgrad (along N): the emulated target, and sm90,
+whose two rebased orientations come from one grid of tile scales."""
 
 from __future__ import annotations
 
 import collections
+import operator
 
 import pytest
 import torch
@@ -75,10 +77,48 @@ def test_square_tiles_cost_precision_only_past_e4m3s_range_under_the_tile_maximu
     assert blocks_db - square_db > 10, (blocks_db, square_db)
 
 
-def test_gpu_targets_refuse_square_weights_and_say_what_runs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sm90_casts_each_orientation_of_a_weight_from_one_tile_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sm90 target on the CPU (its ops run their emulation): the forward finds each weight's
+    # tile scales; the dgrad reads them, transposed, instead of the weight's maxima; the
+    # partitioner saves those few bytes for the backward, not an e4m3 copy of the weight.
     monkeypatch.setattr(targets, "device_capability", lambda device: targets.SM90)
+    results, counts = {}, {}
+    for blocks in ("1x32", "32x32"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, (x,) = build(MoEConfig(layers=1))
+        graphs: dict[str, torch.fx.GraphModule] = {}
+        config = Config(target="sm90", weight_blocks=blocks, cost_model=False)
+        results[blocks] = compare(model, _compile(config, graphs), (x,), mse_to("random"))
+        counts[blocks] = collections.Counter(n.target for n in graphs["joint"].graph.nodes)
+    weights = {p for name, p in model.named_parameters() if p.dim() >= 2
+               and any(k in name for k in ("proj", "experts", "shared_expert"))}
+    joint = graphs["joint"].graph
+    squares = joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase_square.default)
+    with_tiles = joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase_with_tiles.default)
+    assert len(squares) == len(with_tiles) == len(weights) == 10
+    # each tile grid feeds the other orientation: the weight's transpose and the tiles' transpose
+    for node in with_tiles:
+        (source,) = [s for s in squares if s.args[0] in (node.args[0].args[0], node.args[0])]
+        assert node.args[1].args[0].args[0] is source and node.args[1].target is torch.ops.aten.permute.default
+    assert not [n for n in joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase.default)
+                if n.args[0].op == "placeholder" or n.args[0].args[0].op == "placeholder"]
+    assert counts["1x32"][mxfp8.quantize_rebase.default] - counts["32x32"][mxfp8.quantize_rebase.default] == 2 * 10
+    def source(v: torch.fx.Node) -> torch.fx.Node:  # through the views the partitioner may save
+        return source(v.args[0]) if v.target is torch.ops.aten.permute.default else v
+
+    saved = [source(v) for v in graphs["forward"].graph.output_node().args[0] if isinstance(v, torch.fx.Node)]
+    # of the outputs (data, row scales, tile scales), only the tile scales
+    assert collections.Counter(v.args[1] for v in saved if v.target is operator.getitem
+                               and v.args[0].target is mxfp8.quantize_rebase_square.default) == {2: 10}
+    for blocks, r in results.items():  # test_sm90's bars
+        assert r.output >= 23 and r.input_grad >= 29 and r.worst_weight[1] >= 21, (blocks, r)
+
+
+def test_sm100_refuses_square_weights_and_says_what_runs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(targets, "device_capability", lambda device: targets.SM100_PROVEN[0])
     model, (x,) = build(MoEConfig(layers=1))
-    with pytest.raises(Exception, match=r"weight_blocks='32x32'\) runs on the emulated target only so far; "
-                                        r"this graph's target is sm90"):
-        torch.compile(model, backend=mxfp8_compile.backend(Config(target="sm90", weight_blocks="32x32"),
+    with pytest.raises(Exception, match=r"weight_blocks='32x32'\) runs on the sm90 and emulated targets only so far; "
+                                        r"this graph's target is sm100"):
+        torch.compile(model, backend=mxfp8_compile.backend(Config(target="sm100", weight_blocks="32x32"),
                                                            inductor=False))(x)

@@ -17,15 +17,13 @@ followed by the fp8 transpose copy the sm100 wgrad made before. Timed with
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from collections.abc import Callable
 
 import torch
-import triton
 from triton.testing import do_bench
 
-from bench_gemms import group_ends, rotating
+from bench_gemms import group_ends, rotating, run_meta
 from mxfp8_compile import ops
 from mxfp8_compile.lowering import triton_quantize
 from mxfp8_compile.numerics import padded_rows_bound
@@ -50,8 +48,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, metavar="MxK",
                         help="the shapes to time, e.g. 16384x768 (default: SHAPES)")
     args = parser.parse_args()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat()}
+    meta = run_meta()
     print(meta, flush=True)
     rows = []
     print("| kernel | M x K | copy TB/s | ms | TB/s | of copy |\n|---|---|---|---|---|---|")

@@ -50,6 +50,12 @@ def group_ends(tokens: int, experts: int, routing: str) -> torch.Tensor:
     return torch.cumsum(sizes, 0).to(device="cuda", dtype=torch.int32)
 
 
+def run_meta(**extra: object) -> dict:
+    """Where and when a benchmark ran: the device, torch, triton and the date, and ``extra``."""
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), **extra}
+
+
 def rotating(*shape: int, scale: float = 1.0) -> Callable[[], torch.Tensor]:
     """A function returning the next of ``ROTATING`` random bf16 tensors of ``shape`` on the GPU,
     so that timed runs read from memory, not from L2."""
@@ -148,8 +154,7 @@ def main() -> None:
     parser.add_argument("--fast-accum", action="store_true", help="the FP8 GEMMs with Config.fast_accum")
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = parser.parse_args()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "fast_accum": args.fast_accum}
+    meta = run_meta(fast_accum=args.fast_accum)
     print(meta, flush=True)
     print("| kind | shape | tokens | routing | role | bf16 ms | FP8 incl. prep ms | FP8 GEMM only ms | incl. prep | GEMM only "
           "| FP8 incl. prep, eager launches ms |")

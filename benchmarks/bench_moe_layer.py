@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import statistics
 import time
@@ -31,10 +30,10 @@ import traceback
 
 import torch
 import torch._inductor.config
-import triton
 from triton.testing import do_bench
 
 import mxfp8_compile
+from bench_gemms import run_meta
 from mxfp8_compile import Config, numerics
 from mxfp8_compile.examples.checkpointing import checkpointed
 from mxfp8_compile.examples.moe import MoE, MoEConfig
@@ -47,8 +46,9 @@ SHAPES = {
 }
 ROTATING = 3
 # --variants: the plugin's Configs to time against bf16 (the default accumulates fast in all three
-# roles, and converts only what its cost model predicts faster; every_gemm converts every expert GEMM)
-VARIANTS = {"default": Config(), "every_gemm": Config(cost_model=False),
+# roles, and converts only what its cost model predicts faster; every_gemm converts every expert GEMM;
+# square_weights casts weights in 32x32 tiles)
+VARIANTS = {"default": Config(), "every_gemm": Config(cost_model=False), "square_weights": Config(weight_blocks="32x32"),
             "fast_accum_forward": Config(fast_accum=("forward",)), "exact_accum": Config(fast_accum=())}
 
 
@@ -200,10 +200,7 @@ def main() -> None:
     args = parser.parse_args()
     # compile times must not come from Inductor's on-disk caches
     torch._inductor.config.force_disable_caches = True
-    meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
+    meta = run_meta()
     print(meta, flush=True)
     results = {"meta": meta, "layer": []}
     for shape in args.shapes:

@@ -24,17 +24,15 @@ inputs, so they are the GPU's time, without host launch overhead.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import time
 from collections.abc import Callable
 
 import torch
-import triton
 from triton.testing import do_bench_cudagraph
 
-from bench_gemms import group_ends, rotating
+from bench_gemms import group_ends, rotating, run_meta
 from mxfp8_compile import numerics, ops
 
 TOKENS = (2048, 8192, 32768, 131072)
@@ -171,9 +169,7 @@ def main() -> None:
                         choices=["composed", "casts", "gemms"])
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
-    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-                       "experts": EXPERTS, "rep_ms": args.rep}}
+    result = {"meta": run_meta(experts=EXPERTS, rep_ms=args.rep)}
     start = time.time()
 
     def save(section: str, rows: list[dict]) -> None:

@@ -9,7 +9,8 @@ widths (about 4.5B). The runs (``--runs``: ``bf16``; ``mxfp8``, the default Conf
 what the target's cost model predicts faster; ``mxfp8_every_gemm``, every GEMM converted, the
 numerics' convergence check; ``mxfp8_experts`` with only the expert GEMMs converted, to split a
 loss gap between attention and experts; ``mxfp8_exact_accum`` without Hopper's fast FP8
-accumulation, which ``Config`` uses by default on sm90) start from the same weights and see the
+accumulation, which ``Config`` uses by default on sm90; ``mxfp8_square_weights``, the default with
+weights cast in 32x32 tiles) start from the same weights and see the
 same batches in the same order; AdamW with warm-up and cosine decay.
 ``--mode reduce-overhead`` compiles every run with CUDA graphs.
 
@@ -72,7 +73,8 @@ PRESETS = {
 # the other rules allow, the numerics' convergence check)
 RUNS = {"bf16": None, "mxfp8": Config(), "mxfp8_every_gemm": Config(cost_model=False),
         "mxfp8_experts": Config(dense_linears=False, cost_model=False),
-        "mxfp8_exact_accum": Config(fast_accum=(), cost_model=False)}
+        "mxfp8_exact_accum": Config(fast_accum=(), cost_model=False),
+        "mxfp8_square_weights": Config(weight_blocks="32x32")}
 # the held-out windows' draw: the one earlier sessions' seed-0 runs used (seed + 1)
 HELDOUT_SEED = 1
 

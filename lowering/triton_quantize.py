@@ -8,10 +8,10 @@ sweeps (scales, then data). A transposed view goes to the column kernels instead
 zero-padded to 32 rows and rebased per (group, column), written transposed (tokens contiguous):
 two launches parallel over (row chunks of every group, column tiles), the group amax per column
 by atomics, then the cast, four rows packed into each 32-bit word written along the tokens.
-``quantize_rebase_square``: a weight in 32x32 tiles (``Config.weight_blocks="32x32"``), rebased
-along its last dim to each 32-row strip's largest tile scale; one program a strip, two sweeps
-(tile maxima, then data), or one given the tile scales (the other orientation's cast, on the
-transposed view in place).
+``square_tile_scales``, ``quantize_rebase_square``: a weight in 32x32 tiles
+(``Config.weight_blocks="32x32"``): its tile scales, one program per (32, BLOCK_C) tile of the
+weight as stored; then each orientation (the weight, its transposed view in place) rebased along
+its last dim to each 32-row strip's largest tile scale, one program a strip, one read.
 ``quantize_rows``, ``quantize_token_groups``, ``quantize_rows_and_token_groups``: plain MX (the
 sm100 target's operands; ``mxfp8::quantize`` on CUDA): one kernel over 32-row chunks of the
 groups and of the rows past them, each (32, BLOCK_K) tile cast along tokens, along its rows, or
@@ -275,94 +275,114 @@ def _tile_scales(x, RCEIL: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _square_tile_scales_kernel(
+    x_ptr, tiles_ptr,  # x (B, R, C) any strides; tiles (B, R/32, C/32) u8 contiguous
+    R, C,
+    stride_xb, stride_xr, stride_xc,
+    BLOCK_C: tl.constexpr, RCEIL: tl.constexpr,
+):
+    """Program (s, c, b): the 32x32 tiles of rows [32s, +32) and columns [c*BLOCK_C, +BLOCK_C)
+    of batch b; their scale bytes."""
+    batch = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * 32 + tl.arange(0, 32)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    x = tl.load(x_ptr + batch * stride_xb + rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xc,
+                mask=(cols < C)[None, :], other=0.0)
+    tile_cols = tl.program_id(1) * (BLOCK_C // 32) + tl.arange(0, BLOCK_C // 32)
+    tl.store(tiles_ptr + (batch * (R // 32) + tl.program_id(0)) * (C // 32) + tile_cols,
+             _tile_scales(x, RCEIL, BLOCK_C).to(tl.uint8), mask=tile_cols < C // 32)
+
+
+@triton.jit
 def _quantize_rebase_square_kernel(
-    x_ptr, tiles_ptr,  # x (B, R, C) any strides; tiles (B, R/32, C/32) u8 any strides: written if FIND_TILES, else read
+    x_ptr, tiles_ptr,  # x (B, R, C) any strides; its tile scales (B, R/32, C/32) u8 any strides
     out_ptr, scale_ptr,  # out (B, R, C) e4m3 bytes (u8) contiguous; scale (B, R) u8
     R, C,
     stride_xb, stride_xr, stride_xc, stride_tb, stride_tr, stride_tc,
-    BLOCK_C: tl.constexpr, FIND_TILES: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    """Program (s, b) owns the 32-row strip s of batch b, swept in (32, BLOCK_C) tiles. Each
-    32x32 tile is quantized with its tile scale and shifted to the strip's largest tile scale,
-    every row's scale of the strip. FIND_TILES: the tile scales come from x (written to tiles)
-    and the strip is read twice (the second read mostly from L2); else they are read from tiles
-    and x once."""
+    """Program (s, b) owns the 32-row strip s of batch b: each 32x32 tile quantized with its
+    tile scale and shifted to the strip's largest, every row's scale of the strip; the strip's
+    tile scales read first, then x once in (32, BLOCK_C) tiles."""
     NUM_TILES: tl.constexpr = BLOCK_C // 32
     batch = tl.program_id(1).to(tl.int64)
     strip = tl.program_id(0)
     rows = strip * 32 + tl.arange(0, 32)
-    x_rows = x_ptr + batch * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
     tile_row = tiles_ptr + batch * stride_tb + strip.to(tl.int64) * stride_tr
     strip_scale = tl.zeros([NUM_TILES], dtype=tl.int32)  # tiles past C add byte 0: no effect
-    for c0 in range(0, C, BLOCK_C):
-        tile_cols = c0 // 32 + tl.arange(0, NUM_TILES)
-        if FIND_TILES:
-            cols = c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xc, mask=(cols < C)[None, :], other=0.0)
-            scale = _tile_scales(x, RCEIL, BLOCK_C)
-            tl.store(tile_row + tile_cols * stride_tc, scale.to(tl.uint8), mask=tile_cols < C // 32)
-        else:
-            scale = tl.load(tile_row + tile_cols * stride_tc, mask=tile_cols < C // 32, other=0).to(tl.int32)
-        strip_scale = tl.maximum(strip_scale, scale)
+    for t0 in range(0, C // 32, NUM_TILES):
+        tile_cols = t0 + tl.arange(0, NUM_TILES)
+        strip_scale = tl.maximum(strip_scale, tl.load(tile_row + tile_cols * stride_tc, mask=tile_cols < C // 32,
+                                                      other=0).to(tl.int32))
     target = tl.max(strip_scale, axis=0)
+    x_rows = x_ptr + batch * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
     out_rows = out_ptr + (batch * R + rows.to(tl.int64))[:, None] * C
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = (cols < C)[None, :]
         x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xc, mask=mask, other=0.0)
-        if FIND_TILES:  # again from x: the bytes just stored may not be visible to every thread
-            scale = _tile_scales(x, RCEIL, BLOCK_C)
-        else:
-            tile_cols = c0 // 32 + tl.arange(0, NUM_TILES)
-            scale = tl.load(tile_row + tile_cols * stride_tc, mask=tile_cols < C // 32, other=0).to(tl.int32)
+        tile_cols = c0 // 32 + tl.arange(0, NUM_TILES)
+        scale = tl.load(tile_row + tile_cols * stride_tc, mask=tile_cols < C // 32, other=0).to(tl.int32)
         blocks = tl.reshape(x.to(tl.float32), (32, NUM_TILES, 32))
         q = tl.reshape(_quantize_shifted(blocks, scale[None, :, None], target, HW_CAST), (32, BLOCK_C))
         tl.store(out_rows + cols.to(tl.int64)[None, :], q, mask=mask)
     tl.store(scale_ptr + batch * R + rows, (tl.zeros([32], dtype=tl.int32) + target).to(tl.uint8))
 
 
-# (BLOCK_C, num_warps) of the square-tile kernel
+# (BLOCK_C, num_warps) of the square-tile kernels
 SQUARE_TILE = (256, 4)
 
 
-def quantize_rebase_square(
-    x: torch.Tensor, mode: str = "rceil", *, tile_scales: torch.Tensor | None = None,
-    tile: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``numerics.rebase_square(*numerics.to_mx_square(x))`` along the last dim, in one CUDA kernel.
-
-    Input: ``x`` (.., R, C) bf16/fp16/fp32 on CUDA, any strides (a weight or its transposed view,
-    read in place), R and C multiples of 32. ``tile_scales``: x's (.., R/32, C/32) u8 tile scales
-    if known (from the cast of the other orientation, transposed; any strides): x is then read
-    once instead of twice. Output: ``(rebased (.., R, C) e4m3 contiguous, row scales (.., R) u8,
-    tile scales (.., R/32, C/32) u8)``, the last ``tile_scales`` itself when given.
-    ``tile``: ``(BLOCK_C, num_warps)``, by default ``SQUARE_TILE``.
-    """
+def _square_operand(x: torch.Tensor) -> torch.Tensor:
+    """x (.., R, C) checked for the 32x32-tile kernels, its batch dims flattened: (B, R, C), a
+    view unless the strides do not allow one (then a copy, read only)."""
     check_high_precision("x", x)
     for dim in (-2, -1):
         check_block_dim("x", x, dim)
-    *lead, rows, cols = x.shape
-    tiles_shape = (*lead, rows // BLOCK_SIZE, cols // BLOCK_SIZE)
-    find_tiles = tile_scales is None
-    if find_tiles:
-        tile_scales = torch.empty(tiles_shape, dtype=torch.uint8, device=x.device)
-    else:
-        check_tile_scales(x, tile_scales)
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def square_tile_scales(x: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """``numerics.to_mx_square(x)[1]`` in one CUDA kernel: the scale bytes (.., R/32, C/32) u8 of
+    x's 32x32 tiles, x (.., R, C) bf16/fp16/fp32, any strides (fastest as stored: each program
+    loads a (32, BLOCK_C) tile). ``tile``: ``(BLOCK_C, num_warps)``, by default ``SQUARE_TILE``."""
+    x3 = _square_operand(x)
+    (batches, rows, cols), (block_c, num_warps) = x3.shape, tile or SQUARE_TILE
+    tiles = torch.empty(*x.shape[:-2], rows // BLOCK_SIZE, cols // BLOCK_SIZE, dtype=torch.uint8, device=x.device)
+    if x.numel():
+        block_c = max(min(block_c, triton.next_power_of_2(cols)), BLOCK_SIZE)
+        _square_tile_scales_kernel[(rows // BLOCK_SIZE, triton.cdiv(cols, block_c), batches)](
+            x3, tiles, rows, cols, *x3.stride(),
+            BLOCK_C=block_c, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL, num_warps=num_warps,
+        )
+    return tiles
+
+
+def quantize_rebase_square(
+    x: torch.Tensor, tile_scales: torch.Tensor, *, tile: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numerics.rebase_square(*numerics.to_mx_square(x, tile_scales=tile_scales))`` along the
+    last dim, in one CUDA kernel that reads x once.
+
+    Input: ``x`` (.., R, C) bf16/fp16/fp32 on CUDA, any strides (a weight, or its transposed view
+    read in place), R and C multiples of 32; ``tile_scales``: x's (.., R/32, C/32) u8
+    (``square_tile_scales``; of a transposed view, the weight's transposed), any strides.
+    Output: ``(rebased (.., R, C) e4m3 contiguous, row scales (.., R) u8)``.
+    ``tile``: ``(BLOCK_C, num_warps)``, by default ``SQUARE_TILE``.
+    """
+    x3 = _square_operand(x)
+    check_tile_scales(x, tile_scales)
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
-    if x.numel() == 0:
-        return out, scales, tile_scales
-    # batch dims flattened: views but for x or given tile scales whose strides do not allow one
-    # (then copies, read only); tile scales made here are contiguous
-    x3, t3 = x.reshape(-1, rows, cols), tile_scales.reshape(-1, *tiles_shape[-2:])
-    block_c, num_warps = tile or SQUARE_TILE
-    block_c = max(min(block_c, triton.next_power_of_2(cols)), BLOCK_SIZE)
-    _quantize_rebase_square_kernel[(rows // BLOCK_SIZE, x3.shape[0])](
-        x3, t3, out.view(torch.uint8), scales, rows, cols, *x3.stride(), *t3.stride(),
-        BLOCK_C=block_c, FIND_TILES=find_tiles, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
-        HW_CAST=not _INTERPRETED, num_warps=num_warps,
-    )
-    return out, scales, tile_scales
+    if x.numel():
+        (batches, rows, cols), (block_c, num_warps) = x3.shape, tile or SQUARE_TILE
+        t3 = tile_scales.reshape(-1, *tile_scales.shape[-2:])
+        block_c = max(min(block_c, triton.next_power_of_2(cols)), BLOCK_SIZE)
+        _quantize_rebase_square_kernel[(rows // BLOCK_SIZE, batches)](
+            x3, t3, out.view(torch.uint8), scales, rows, cols, *x3.stride(), *t3.stride(),
+            BLOCK_C=block_c, HW_CAST=not _INTERPRETED, num_warps=num_warps,
+        )
+    return out, scales
 
 
 @triton.jit

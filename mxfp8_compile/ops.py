@@ -24,10 +24,9 @@ to_blocked_k_groups        scales (R, Mp/32), padded offs -> per-group blocked s
 rebase_rowwise             (qdata, scales, dim) -> (rebased e4m3, one u8 scale per row)  (SM90)
 quantize_rebase            x (..., K) -> quantize then rebase_rowwise, fused (Triton on CUDA; under
                            Inductor a template that fuses its producer, lowering/inductor_quantize.py)
-quantize_rebase_square     x (.., R, C) -> to_mx_square then rebase_square along C: (rebased, row
-                           scales (.., R), tile scales (.., R/32, C/32)) (SM90, 32x32 weights)
-quantize_rebase_with_tiles  (x, its tile scales) -> (rebased, row scales): the other orientation
-                           (x.mT and the tiles transposed), x read once on CUDA
+square_tile_scales         x (.., R, C) -> the scale bytes of its 32x32 tiles (.., R/32, C/32)
+quantize_rebase_square     (x, its tile scales) -> to_mx_square with them, then rebase_square along
+                           C: (rebased, row scales (.., R)) (SM90, 32x32 weights; x or x.mT)
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
                            data transposed (K, Mp) (Triton on CUDA)
@@ -351,48 +350,45 @@ def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8)
 
 
-@torch.library.custom_op("mxfp8::quantize_rebase_square", mutates_args=())
-def quantize_rebase_square(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
-    """MX-quantize ``x`` (.., R, C) in 32x32 tiles, then rebase along its last dim:
-    ``numerics.rebase_square(*numerics.to_mx_square(x))`` and the tile scales (.., R/32, C/32),
-    which let the other orientation's cast (``quantize_rebase_with_tiles`` of ``x.mT``) skip
-    the tile maxima. One Triton kernel on CUDA."""
-    qdata, tiles = numerics.to_mx_square(x, mode=mode)
-    return *numerics.rebase_square(qdata, tiles, dim=-1), tiles
+@torch.library.custom_op("mxfp8::square_tile_scales", mutates_args=())
+def square_tile_scales(x: Tensor, mode: str = "rceil") -> Tensor:
+    """The scale bytes (.., R/32, C/32) of x's 32x32 tiles: ``numerics.to_mx_square(x)[1]``, for
+    ``quantize_rebase_square`` of each orientation. One Triton kernel on CUDA."""
+    return numerics.to_mx_square(x, mode=mode)[1]
 
 
-@quantize_rebase_square.register_kernel("cuda")
-def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
-    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square as kernel
+@square_tile_scales.register_kernel("cuda")
+def _(x: Tensor, mode: str = "rceil") -> Tensor:
+    from mxfp8_compile.lowering.triton_quantize import square_tile_scales as kernel
 
     return kernel(x, mode)
 
 
-@quantize_rebase_square.register_fake
-def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
-    tiles = _square_tiles_shape(x, mode)
-    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8), x.new_empty(tiles, dtype=_U8)
+@square_tile_scales.register_fake
+def _(x: Tensor, mode: str = "rceil") -> Tensor:
+    return x.new_empty(_square_tiles_shape(x, mode), dtype=_U8)
 
 
-@torch.library.custom_op("mxfp8::quantize_rebase_with_tiles", mutates_args=())
-def quantize_rebase_with_tiles(x: Tensor, tile_scales: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
-    """``quantize_rebase_square``'s data and row scales of ``x`` given its tile scales (those of
-    ``x.mT``'s cast, transposed): ``numerics.rebase_square(*numerics.to_mx_square(x,
-    tile_scales=tile_scales))``. On CUDA one Triton kernel that reads x once."""
-    qdata, tiles = numerics.to_mx_square(x, mode=mode, tile_scales=tile_scales)
+@torch.library.custom_op("mxfp8::quantize_rebase_square", mutates_args=())
+def quantize_rebase_square(x: Tensor, tile_scales: Tensor) -> tuple[Tensor, Tensor]:
+    """x (.., R, C) quantized with its 32x32 tile scales (``square_tile_scales``; of a weight's
+    transposed view, the weight's transposed), then rebased along its last dim:
+    ``numerics.rebase_square(*numerics.to_mx_square(x, tile_scales=tile_scales))``, the rebased
+    e4m3 (.., R, C) and row scales (.., R). One Triton kernel on CUDA, one read of x."""
+    qdata, tiles = numerics.to_mx_square(x, tile_scales=tile_scales)
     return numerics.rebase_square(qdata, tiles, dim=-1)
 
 
-@quantize_rebase_with_tiles.register_kernel("cuda")
-def _(x: Tensor, tile_scales: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+@quantize_rebase_square.register_kernel("cuda")
+def _(x: Tensor, tile_scales: Tensor) -> tuple[Tensor, Tensor]:
     from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square as kernel
 
-    return kernel(x, mode, tile_scales=tile_scales)[:2]
+    return kernel(x, tile_scales)
 
 
-@quantize_rebase_with_tiles.register_fake
-def _(x: Tensor, tile_scales: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
-    _square_tiles_shape(x, mode)
+@quantize_rebase_square.register_fake
+def _(x: Tensor, tile_scales: Tensor) -> tuple[Tensor, Tensor]:
+    _square_tiles_shape(x, "rceil")
     numerics.check_tile_scales(x, tile_scales)
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8)
 

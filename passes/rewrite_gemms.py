@@ -53,16 +53,17 @@ A dense ``addmm`` keeps its bias as an ``add`` after the GEMM.
 
 With ``Config.weight_blocks="32x32"`` (emulated and sm90), a weight that B reads (a graph
 input, through transposes) is cast in 32x32 tiles: once for its forward and its dgrad on the
-emulated target; on sm90 once per orientation, both rebased from one grid of tile scales, which
-the first cast finds and the second reads instead of the weight's maxima (the partitioner saves
-those few bytes for the backward, not an e4m3 copy of the weight)::
+emulated target; on sm90 once per orientation, both rebased from one grid of tile scales found
+before the first (the partitioner saves those few bytes for the backward, not an e4m3 copy of
+the weight)::
 
     qw, tiles = mxfp8.quantize_square(w, mode)                   # w (.., N, K); emulated
     forward: qw, square_scales_along(tiles, -1)                  # along K
     dgrad:   qw^T, square_scales_along(tiles, -2)^T              # the same bytes along N
 
-    rw, sw, tiles = mxfp8.quantize_rebase_square(w, mode)        # sm90 forward, along K
-    rwt, swt = mxfp8.quantize_rebase_with_tiles(w^T, tiles^T, mode)   # dgrad, along N
+    tiles = mxfp8.square_tile_scales(w, mode)                    # sm90
+    forward: rw, sw = mxfp8.quantize_rebase_square(w, tiles)     # along K
+    dgrad:   rwt, swt = mxfp8.quantize_rebase_square(w^T, tiles^T)   # along N
 
 On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad along tokens
 (the forward's x, the dgrad's dy) is cast once for all of them (``_Casts``); on sm100 in one
@@ -217,7 +218,7 @@ class _Casts:
                  square_weights: bool = False) -> None:
         self.target, self.rebased, self.mode, self.square_weights = target, target == "sm90", mode, square_weights
         self.squares: dict[fx.Node, list[fx.Node]] = {}  # emulated: a weight's (data, tile scales)
-        self.tiles: dict[tuple[fx.Node, bool], fx.Node] = {}  # sm90: (weight, across) -> its tile scales
+        self.tiles: dict[fx.Node, list[fx.Node]] = {}  # sm90: a weight's tile scales, then transposed
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
         rows = {cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
                 if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
@@ -253,16 +254,15 @@ class _Casts:
 
     def _rebased_square(self, n: _Nodes, weight: fx.Node, across: bool) -> list[fx.Node]:
         """sm90: the rowwise operand of ``weight`` (or of its transpose, ``across``) in 32x32
-        tiles. The first GEMM to read the weight finds its tile scales; the others read them
-        (transposed for the other orientation) instead of the weight's maxima."""
+        tiles, from the weight's tile scales, found once (on the weight as stored, where the
+        kernel's loads run along the contiguous dim) for both orientations."""
+        if weight not in self.tiles:
+            self.tiles[weight] = [n.call(mxfp8.square_tile_scales.default, weight, self.mode)]
+        tiles = self.tiles[weight]
+        if across and len(tiles) == 1:
+            tiles.append(n.transposed(tiles[0]))
         x = n.transposed(weight) if across else weight
-        key, other = (weight, across), (weight, not across)
-        if key not in self.tiles and other in self.tiles:
-            self.tiles[key] = n.transposed(self.tiles[other])
-        if key in self.tiles:
-            return n.multi(mxfp8.quantize_rebase_with_tiles.default, x, self.tiles[key], self.mode)
-        data, scales, self.tiles[key] = n.multi(mxfp8.quantize_rebase_square.default, x, self.mode)
-        return [data, scales]
+        return n.multi(mxfp8.quantize_rebase_square.default, x, tiles[across])
 
     def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
         """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""

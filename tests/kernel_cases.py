@@ -85,21 +85,20 @@ def square_inputs(device: str, large: bool) -> list[torch.Tensor]:
 
 
 def _square_mismatches(device: str, large: bool, mode: str) -> list[str | None]:
-    """``quantize_rebase_square`` against numerics: finding the tile scales along the last dim,
-    then the other orientation (the transposed view) with those tile scales."""
-    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square
+    """The 32x32-tile kernels against numerics: the tile scales, then both orientations (x, and
+    its transposed view with the tile scales transposed) rebased with them."""
+    from mxfp8_compile.lowering.triton_quantize import quantize_rebase_square, square_tile_scales
 
     failures = []
     for x in square_inputs(device, large):
         q, tiles = numerics.to_mx_square(x.cpu(), mode=mode)
-        want = (*numerics.rebase_square(q, tiles, dim=-1), tiles)
-        got = quantize_rebase_square(x, mode)
-        failures += [_byte_mismatch(f"square {mode} {part}", x, g, w)
-                     for part, g, w in zip(("data", "row scales", "tile scales"), got, want, strict=True)]
-        rq, rs = numerics.rebase_square(q, tiles, dim=-2)
-        got = quantize_rebase_square(x.mT, mode, tile_scales=got[2].mT)
-        failures += [_byte_mismatch(f"square given tiles {mode} {part}", x, g, w)
-                     for part, g, w in zip(("data", "row scales"), got[:2], (rq.mT, rs), strict=True)]
+        got_tiles = square_tile_scales(x, mode)
+        failures.append(_byte_mismatch(f"square {mode} tile scales", x, got_tiles, tiles))
+        for dim, view, view_tiles in ((-1, x, got_tiles), (-2, x.mT, got_tiles.mT)):
+            rq, rs = numerics.rebase_square(q, tiles, dim=dim)
+            got = quantize_rebase_square(view, view_tiles)
+            failures += [_byte_mismatch(f"square along {dim} {mode} {part}", x, g, w)
+                         for part, g, w in zip(("data", "row scales"), got, (rq.movedim(dim, -1), rs), strict=True)]
     return failures
 
 

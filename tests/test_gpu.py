@@ -121,13 +121,13 @@ def test_quantize_rebase_kernel_is_bit_exact() -> None:
 def test_cast_ops_run_their_triton_kernels() -> None:
     x = torch.randn(256, 512, device="cuda", dtype=BF16)
     offs = torch.tensor([100, 256], device="cuda", dtype=torch.int32)
-    tiles = ops.quantize_rebase_square(x)[2]
+    tiles = ops.square_tile_scales(x)
     for call, expected in (
         (lambda: ops.quantize_rebase(x), ["_quantize_rebase_rows_kernel"]),
         (lambda: ops.quantize_rebase(x.t()), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
         (lambda: ops.quantize_rebase_token_groups(x, offs), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
-        (lambda: ops.quantize_rebase_square(x), ["_quantize_rebase_square_kernel"]),
-        (lambda: ops.quantize_rebase_with_tiles(x.t(), tiles.t()), ["_quantize_rebase_square_kernel"]),
+        (lambda: ops.square_tile_scales(x), ["_square_tile_scales_kernel"]),
+        (lambda: ops.quantize_rebase_square(x.t(), tiles.t()), ["_quantize_rebase_square_kernel"]),
         (lambda: ops.quantize_rows_and_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize(x), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),

@@ -94,13 +94,16 @@ def test_sm90_casts_each_orientation_of_a_weight_from_one_tile_grid(monkeypatch:
     weights = {p for name, p in model.named_parameters() if p.dim() >= 2
                and any(k in name for k in ("proj", "experts", "shared_expert"))}
     joint = graphs["joint"].graph
-    squares = joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase_square.default)
-    with_tiles = joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase_with_tiles.default)
-    assert len(squares) == len(with_tiles) == len(weights) == 10
-    # each tile grid feeds the other orientation: the weight's transpose and the tiles' transpose
-    for node in with_tiles:
-        (source,) = [s for s in squares if s.args[0] in (node.args[0].args[0], node.args[0])]
-        assert node.args[1].args[0].args[0] is source and node.args[1].target is torch.ops.aten.permute.default
+    tiles = joint.find_nodes(op="call_function", target=mxfp8.square_tile_scales.default)
+    casts = joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase_square.default)
+    assert len(tiles) == len(weights) == 10 and len(casts) == 20
+    # each weight's tile scales, found on the weight as stored, feed both of its casts: the
+    # weight's with them, its transpose's with them transposed
+    for grid in tiles:
+        weight = grid.args[0]
+        assert weight.op == "placeholder"
+        readers = [c for c in casts if grid in (c.args[1], c.args[1].args[0])]
+        assert sorted((c.args[0] is weight, c.args[1] is grid) for c in readers) == [(False, False), (True, True)]
     assert not [n for n in joint.find_nodes(op="call_function", target=mxfp8.quantize_rebase.default)
                 if n.args[0].op == "placeholder" or n.args[0].args[0].op == "placeholder"]
     assert counts["1x32"][mxfp8.quantize_rebase.default] - counts["32x32"][mxfp8.quantize_rebase.default] == 2 * 10
@@ -108,9 +111,9 @@ def test_sm90_casts_each_orientation_of_a_weight_from_one_tile_grid(monkeypatch:
         return source(v.args[0]) if v.target is torch.ops.aten.permute.default else v
 
     saved = [source(v) for v in graphs["forward"].graph.output_node().args[0] if isinstance(v, torch.fx.Node)]
-    # of the outputs (data, row scales, tile scales), only the tile scales
-    assert collections.Counter(v.args[1] for v in saved if v.target is operator.getitem
-                               and v.args[0].target is mxfp8.quantize_rebase_square.default) == {2: 10}
+    # the tile scales, not a cast weight
+    assert sum(v.target is mxfp8.square_tile_scales.default for v in saved) == 10
+    assert not [v for v in saved if v.target is operator.getitem and v.args[0].target is mxfp8.quantize_rebase_square.default]
     for blocks, r in results.items():  # test_sm90's bars
         assert r.output >= 23 and r.input_grad >= 29 and r.worst_weight[1] >= 21, (blocks, r)
 

@@ -101,18 +101,18 @@ def quantize_square(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     return numerics.to_mx_square(x, mode=mode)
 
 
-def _square_tiles_shape(x: Tensor, mode: str) -> list[int]:
-    """Check the arguments of a 32x32-tile cast of x; the shape of its tile scales."""
+def _square_tiles_shape(x: Tensor) -> list[int]:
+    """Check x for a 32x32-tile cast; the shape of its tile scales."""
     numerics.check_high_precision("x", x)
     for dim in (-2, -1):
         numerics.check_block_dim("x", x, dim)
-    numerics.ScaleMode.parse(mode)
     return _scales_shape(_scales_shape(x.shape, x.dim() - 1), x.dim() - 2)
 
 
 @quantize_square.register_fake
 def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(_square_tiles_shape(x, mode), dtype=_U8)
+    numerics.ScaleMode.parse(mode)
+    return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(_square_tiles_shape(x), dtype=_U8)
 
 
 @torch.library.custom_op("mxfp8::pad_to_block", mutates_args=())
@@ -366,7 +366,8 @@ def _(x: Tensor, mode: str = "rceil") -> Tensor:
 
 @square_tile_scales.register_fake
 def _(x: Tensor, mode: str = "rceil") -> Tensor:
-    return x.new_empty(_square_tiles_shape(x, mode), dtype=_U8)
+    numerics.ScaleMode.parse(mode)
+    return x.new_empty(_square_tiles_shape(x), dtype=_U8)
 
 
 @torch.library.custom_op("mxfp8::quantize_rebase_square", mutates_args=())
@@ -388,7 +389,7 @@ def _(x: Tensor, tile_scales: Tensor) -> tuple[Tensor, Tensor]:
 
 @quantize_rebase_square.register_fake
 def _(x: Tensor, tile_scales: Tensor) -> tuple[Tensor, Tensor]:
-    _square_tiles_shape(x, "rceil")
+    _square_tiles_shape(x)
     numerics.check_tile_scales(x, tile_scales)
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=_U8)
 

@@ -143,8 +143,8 @@ WEIGHT_BLOCK_TARGETS = {"1x32": ("sm100", "sm90", "emulated"), "32x32": ("sm90",
 def check_weight_blocks(config: Config, choice: TargetChoice) -> None:
     """Raise ``ValueError`` if ``choice``'s target cannot cast weights in ``config.weight_blocks``
     (no silent fallback: another target or block shape changes speed or numerics)."""
-    if choice.target not in WEIGHT_BLOCK_TARGETS[config.weight_blocks]:
-        supported = WEIGHT_BLOCK_TARGETS[config.weight_blocks]
+    supported = WEIGHT_BLOCK_TARGETS[config.weight_blocks]
+    if choice.target not in supported:
         raise ValueError(
             f"Config(weight_blocks={config.weight_blocks!r}) runs on the {' and '.join(supported)} "
             f"target{'s' * (len(supported) > 1)} only so far; "

@@ -41,6 +41,7 @@ from mxfp8_compile.numerics import (
     check_block_dim,
     check_high_precision,
     check_offsets,
+    check_square,
     check_tile_scales,
     check_tokens,
     padded_rows_bound,
@@ -333,24 +334,23 @@ def _quantize_rebase_square_kernel(
 SQUARE_TILE = (256, 4)
 
 
-def _square_operand(x: torch.Tensor) -> torch.Tensor:
-    """x (.., R, C) checked for the 32x32-tile kernels, its batch dims flattened: (B, R, C), a
-    view unless the strides do not allow one (then a copy, read only)."""
-    check_high_precision("x", x)
-    for dim in (-2, -1):
-        check_block_dim("x", x, dim)
-    return x.reshape(-1, *x.shape[-2:])
+def _square_operand(x: torch.Tensor, tile: tuple[int, int] | None) -> tuple[torch.Tensor, int, int]:
+    """``(x3, BLOCK_C, num_warps)`` for the 32x32-tile kernels: x (.., R, C) checked, its batch
+    dims flattened to (B, R, C) (a view unless the strides do not allow one: then a copy, read
+    only), and ``tile`` (by default ``SQUARE_TILE``) with BLOCK_C no wider than C needs."""
+    check_square("x", x)
+    block_c, num_warps = tile or SQUARE_TILE
+    return x.reshape(-1, *x.shape[-2:]), max(min(block_c, triton.next_power_of_2(x.shape[-1])), BLOCK_SIZE), num_warps
 
 
 def square_tile_scales(x: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """``numerics.to_mx_square(x)[1]`` in one CUDA kernel: the scale bytes (.., R/32, C/32) u8 of
     x's 32x32 tiles, x (.., R, C) bf16/fp16/fp32, any strides (fastest as stored: each program
     loads a (32, BLOCK_C) tile). ``tile``: ``(BLOCK_C, num_warps)``, by default ``SQUARE_TILE``."""
-    x3 = _square_operand(x)
-    (batches, rows, cols), (block_c, num_warps) = x3.shape, tile or SQUARE_TILE
+    x3, block_c, num_warps = _square_operand(x, tile)
+    batches, rows, cols = x3.shape
     tiles = torch.empty(*x.shape[:-2], rows // BLOCK_SIZE, cols // BLOCK_SIZE, dtype=torch.uint8, device=x.device)
     if x.numel():
-        block_c = max(min(block_c, triton.next_power_of_2(cols)), BLOCK_SIZE)
         _square_tile_scales_kernel[(rows // BLOCK_SIZE, triton.cdiv(cols, block_c), batches)](
             x3, tiles, rows, cols, *x3.stride(),
             BLOCK_C=block_c, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL, num_warps=num_warps,
@@ -370,14 +370,13 @@ def quantize_rebase_square(
     Output: ``(rebased (.., R, C) e4m3 contiguous, row scales (.., R) u8)``.
     ``tile``: ``(BLOCK_C, num_warps)``, by default ``SQUARE_TILE``.
     """
-    x3 = _square_operand(x)
+    x3, block_c, num_warps = _square_operand(x, tile)
     check_tile_scales(x, tile_scales)
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
     if x.numel():
-        (batches, rows, cols), (block_c, num_warps) = x3.shape, tile or SQUARE_TILE
+        batches, rows, cols = x3.shape
         t3 = tile_scales.reshape(-1, *tile_scales.shape[-2:])
-        block_c = max(min(block_c, triton.next_power_of_2(cols)), BLOCK_SIZE)
         _quantize_rebase_square_kernel[(rows // BLOCK_SIZE, batches)](
             x3, t3, out.view(torch.uint8), scales, rows, cols, *x3.stride(), *t3.stride(),
             BLOCK_C=block_c, HW_CAST=not _INTERPRETED, num_warps=num_warps,

@@ -119,6 +119,14 @@ def check_tokens(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2D (tokens, features), got shape {tuple(x.shape)}")
 
 
+def check_square(name: str, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` (.., R, C) can be cast in 32x32 tiles: a high-precision
+    dtype, R and C multiples of 32."""
+    check_high_precision(name, x)
+    for dim in (-2, -1):
+        check_block_dim(name, x, dim)
+
+
 def check_tile_scales(x: torch.Tensor, tile_scales: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``tile_scales`` can be x's 32x32 tile scales: uint8
     (.., R/32, C/32) for x (.., R, C)."""
@@ -270,9 +278,7 @@ def to_mx_square(
     Output: ``(qdata, tile_scales)``: ``qdata`` float8_e4m3fn of ``x.shape``; ``tile_scales``
     uint8 (.., R/32, C/32); both contiguous. R and C must be multiples of 32.
     """
-    check_high_precision("x", x)
-    for dim in (-2, -1):
-        check_block_dim("x", x, dim)
+    check_square("x", x)
     mode = ScaleMode.parse(mode)
     *lead, rows, cols = x.shape
     tiles = x.to(torch.float32).reshape(*lead, rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE)

@@ -103,9 +103,7 @@ def quantize_square(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
 
 def _square_tiles_shape(x: Tensor) -> list[int]:
     """Check x for a 32x32-tile cast; the shape of its tile scales."""
-    numerics.check_high_precision("x", x)
-    for dim in (-2, -1):
-        numerics.check_block_dim("x", x, dim)
+    numerics.check_square("x", x)
     return _scales_shape(_scales_shape(x.shape, x.dim() - 1), x.dim() - 2)
 
 

@@ -218,7 +218,7 @@ class _Casts:
                  square_weights: bool = False) -> None:
         self.target, self.rebased, self.mode, self.square_weights = target, target == "sm90", mode, square_weights
         self.squares: dict[fx.Node, list[fx.Node]] = {}  # emulated: a weight's (data, tile scales)
-        self.tiles: dict[fx.Node, list[fx.Node]] = {}  # sm90: a weight's tile scales, then transposed
+        self.tiles: dict[fx.Node, fx.Node] = {}  # sm90: a weight's tile scales
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
         rows = {cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
                 if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
@@ -236,8 +236,9 @@ class _Casts:
 
     def weight(self, n: _Nodes, node: fx.Node, transposed: bool) -> list[fx.Node]:
         """``(data, scales)`` of B's transpose along its last dim, as ``rows``; with square weight
-        blocks, a graph input's (a weight's) one cast in 32x32 tiles, read along K (forward) or
-        along N (dgrad: the same bytes transposed)."""
+        blocks, a graph input's (a weight's) 32x32 tiles read along K (forward) or along N
+        (dgrad): on the emulated target the same bytes transposed, on sm90 each orientation
+        cast from the weight's tile scales (``_rebased_square``)."""
         source = _square_source(node, transposed) if self.square_weights else None
         if source is None:
             return self.rows(n, node, transposed, None)
@@ -257,12 +258,11 @@ class _Casts:
         tiles, from the weight's tile scales, found once (on the weight as stored, where the
         kernel's loads run along the contiguous dim) for both orientations."""
         if weight not in self.tiles:
-            self.tiles[weight] = [n.call(mxfp8.square_tile_scales.default, weight, self.mode)]
-        tiles = self.tiles[weight]
-        if across and len(tiles) == 1:
-            tiles.append(n.transposed(tiles[0]))
-        x = n.transposed(weight) if across else weight
-        return n.multi(mxfp8.quantize_rebase_square.default, x, tiles[across])
+            self.tiles[weight] = n.call(mxfp8.square_tile_scales.default, weight, self.mode)
+        x, tiles = weight, self.tiles[weight]
+        if across:
+            x, tiles = n.transposed(x), n.transposed(tiles)
+        return n.multi(mxfp8.quantize_rebase_square.default, x, tiles)
 
     def token_groups(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node) -> list[fx.Node]:
         """``(data, scales, padded offs)`` of 2D ``node`` (or its transpose) along tokens."""

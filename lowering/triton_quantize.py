@@ -29,6 +29,7 @@ lowering/inductor_quantize.py reuses the row math (``_row_scales``, ``_quantize_
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -49,6 +50,33 @@ from mxfp8_compile.numerics import (
 
 # The interpreter's float8 cast does not round to nearest-even: exact integer rounding there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class RowSource(NamedTuple):
+    """Where a cast's input rows come from: x's own rows (the default), or with ``rows`` the
+    gathered operand ``numerics.gather_rows(x, rows, weights)``, read through ``rows`` so that
+    it is never written. The kernels take it as ``(source_rows_ptr, row_weights_ptr,
+    source_len)`` (``args``) and the constexprs GATHER and WEIGHTED (``flags``)."""
+
+    rows: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    def check(self, x: torch.Tensor) -> None:
+        if self.rows is not None:
+            numerics.check_gather(x, self.rows, self.weights)
+        elif self.weights is not None:
+            raise ValueError("row weights need the rows they weigh: RowSource(rows, weights)")
+
+    def count(self, x: torch.Tensor) -> int:
+        """Rows of the cast's input."""
+        return x.shape[0] if self.rows is None else self.rows.shape[0]
+
+    def args(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        pick = lambda t: x if t is None else t.contiguous()  # noqa: E731  (x: a pointer never read)
+        return pick(self.rows), pick(self.weights), x.shape[0]
+
+    def flags(self) -> dict[str, bool]:
+        return {"GATHER": self.rows is not None, "WEIGHTED": self.weights is not None}
 
 
 @triton.jit
@@ -159,6 +187,38 @@ def _quantize_shifted(x, scale, target, HW_CAST: tl.constexpr):
 
 
 @triton.jit
+def _round_to(v, dtype: tl.constexpr, HW_CAST: tl.constexpr):
+    """fp32 ``v`` rounded to nearest-even in ``dtype``; for bf16 off the GPU by integer
+    arithmetic, since the interpreter's bf16 cast truncates."""
+    if (dtype == tl.bfloat16) & (not HW_CAST):
+        bits = v.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000
+        return tl.where(v != v, v, rounded.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+    return v.to(dtype)
+
+
+@triton.jit
+def _load_rows(x_ptr, rows, row_mask, cols, col_mask, stride_xm, stride_xk,
+               source_rows_ptr, row_weights_ptr, source_len,
+               GATHER: tl.constexpr, WEIGHTED: tl.constexpr, HW_CAST: tl.constexpr):
+    """Rows ``rows`` of the cast's input at columns ``cols`` (zero where masked): x's own rows,
+    or with GATHER ``numerics.gather_rows(x, source_rows, row_weights)``'s (x's row
+    ``source_rows[r]``, negative counted from ``source_len``; with WEIGHTED times
+    ``row_weights[r]`` in fp32, rounded to x's dtype). ``rows``/``row_mask`` and
+    ``cols``/``col_mask`` broadcast against each other."""
+    source = rows.to(tl.int64)
+    if GATHER:
+        source = tl.load(source_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        source = tl.where(source < 0, source + source_len, source)
+        tl.device_assert((source >= 0) & (source < source_len), "gathered row out of range")
+    x = tl.load(x_ptr + source * stride_xm + cols.to(tl.int64) * stride_xk, mask=row_mask & col_mask, other=0.0)
+    if WEIGHTED:
+        weight = tl.load(row_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        x = _round_to(x.to(tl.float32) * weight, x_ptr.dtype.element_ty, HW_CAST)
+    return x
+
+
+@triton.jit
 def _row_scales(x, RCEIL: tl.constexpr):
     """The largest block scale of each row of x (BLOCK_R, K): the scale of the row's amax."""
     amax, has_nan = _abs_max(x.to(tl.float32), 1)
@@ -181,40 +241,43 @@ def _quantize_rebase_tile(x, row_scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.const
 @triton.jit
 def _quantize_rebase_rows_kernel(
     x_ptr, out_ptr, scale_ptr,  # x (B, R, K) any strides; out (B, R, K) e4m3 bytes (u8) contiguous; scale (B, R) u8
+    source_rows_ptr, row_weights_ptr, source_len,  # RowSource (B == 1): rows r of x[source_rows] * row_weights
     R, K,
     stride_xb, stride_xr, stride_xk,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
+    GATHER: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     """Program (r, b) owns rows [r*BLOCK_R, +BLOCK_R) of batch b. A row that fits one tile
     (K <= BLOCK_K) is read once; a longer one in two sweeps (scales, then data)."""
     batch = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    x_rows = x_ptr + batch * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
+    x_batch = x_ptr + batch * stride_xb
     out_rows = out_ptr + (batch * R + rows.to(tl.int64))[:, None] * K
     if K <= BLOCK_K:
         cols = tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (cols < K)[None, :]
-        x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
+        x = _load_rows(x_batch, rows[:, None], row_mask[:, None], cols[None, :], (cols < K)[None, :], stride_xr,
+                       stride_xk, source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
         row_scale = _row_scales(x, RCEIL)
         tl.store(out_rows + cols[None, :], _quantize_rebase_tile(x, row_scale, BLOCK_R, BLOCK_K, RCEIL, HW_CAST),
-                 mask=mask)
+                 mask=row_mask[:, None] & (cols < K)[None, :])
     else:
         row_amax = tl.zeros([BLOCK_R], dtype=tl.float32)
         row_nan = tl.zeros([BLOCK_R], dtype=tl.int1)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (cols < K)[None, :]
-            x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            amax, has_nan = _abs_max(x, 1)
+            x = _load_rows(x_batch, rows[:, None], row_mask[:, None], cols[None, :], (cols < K)[None, :], stride_xr,
+                           stride_xk, source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
+            amax, has_nan = _abs_max(x.to(tl.float32), 1)
             row_amax, row_nan = tl.maximum(row_amax, amax), row_nan | has_nan
         row_scale = _e8m0(row_amax, row_nan, RCEIL)
         for k0 in range(0, K, BLOCK_K):  # the second read comes mostly from L2
             cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (cols < K)[None, :]
-            x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
+            x = _load_rows(x_batch, rows[:, None], row_mask[:, None], cols[None, :], (cols < K)[None, :], stride_xr,
+                           stride_xk, source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
             tl.store(out_rows + cols.to(tl.int64)[None, :],
-                     _quantize_rebase_tile(x, row_scale, BLOCK_R, BLOCK_K, RCEIL, HW_CAST), mask=mask)
+                     _quantize_rebase_tile(x, row_scale, BLOCK_R, BLOCK_K, RCEIL, HW_CAST),
+                     mask=row_mask[:, None] & (cols < K)[None, :])
     tl.store(scale_ptr + batch * R + rows, row_scale.to(tl.uint8), mask=row_mask)
 
 
@@ -232,6 +295,7 @@ def row_tile(k: int) -> tuple[int, int, int]:
 
 def quantize_rebase_rows(
     x: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int, int] | None = None,
+    source: RowSource = RowSource(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``numerics.rebase_rowwise(*numerics.to_mx(x, mode=mode))`` in one CUDA kernel.
 
@@ -241,28 +305,33 @@ def quantize_rebase_rows(
     the whole row in one tile up to ``MAX_ONE_READ_K`` (benchmarks/RESULTS.md). A transposed
     view (``x.mT`` contiguous: a weight cast along its other dim) goes to the column kernels
     instead, one row group per batch, so that its loads run along the contiguous dim.
+    ``source``: the cast of ``numerics.gather_rows(x, ...)`` (M, K) instead, x (T, K).
     """
     check_high_precision("x", x)
     check_block_dim("x", x, -1)
-    if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) != 1 and x.numel() > 0:
+    source.check(x)
+    if source.rows is None and x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) != 1 and x.numel() > 0:
         return _quantize_rebase_transposed(x, mode)
     rceil = ScaleMode.parse(mode) is ScaleMode.RCEIL
-    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
+    shape = (source.count(x), x.shape[1]) if source.rows is not None else x.shape
+    out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(shape[:-1], dtype=torch.uint8, device=x.device)
     if x.dim() == 3:
         x3 = x
     elif x.dim() == 2:
         x3 = x.unsqueeze(0)
     else:  # rows of any other rank, flattened (a copy only where strides do not allow a view)
         x3 = x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x.reshape(1, 1, -1)
-    batches, rows, k = x3.shape
-    if x3.numel() == 0:
+    batches, k = x3.shape[0], x3.shape[2]
+    rows = source.count(x3[0])
+    if out.numel() == 0:
         return out, scales
     block_r, block_k, num_warps = tile or row_tile(k)
     grid = (triton.cdiv(rows, block_r), batches)
     _quantize_rebase_rows_kernel[grid](
-        x3, out.view(torch.uint8), scales, rows, k, x3.stride(0), x3.stride(1), x3.stride(2),
+        x3, out.view(torch.uint8), scales, *source.args(x3[0]), rows, k, x3.stride(0), x3.stride(1), x3.stride(2),
         BLOCK_R=block_r, BLOCK_K=block_k, RCEIL=rceil, HW_CAST=not _INTERPRETED, num_warps=num_warps,
+        **source.flags(),
     )
     return out, scales
 
@@ -432,9 +501,11 @@ _NAN_BITS = tl.constexpr(0x7FC00000)
 @triton.jit
 def _column_amax_kernel(
     x_ptr, offs_ptr, amax_ptr,  # x (M, K) any strides; offs (G,) int32; amax (G, K) int32 fp32 bits, zeroed
+    source_rows_ptr, row_weights_ptr, source_len,  # RowSource: rows r of x[source_rows] * row_weights
     K, G,
     stride_xm, stride_xk,
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER: tl.constexpr, WEIGHTED: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     """Program (s, k): work item s, a chunk of BLOCK_M rows of one group (``_chunk_owner``),
     columns [k*BLOCK_K, +BLOCK_K); its amax per column folded into the group's with an atomic
@@ -445,9 +516,8 @@ def _column_amax_kernel(
         start, size = _of_group(starts, group, BLOCK_G), _of_group(sizes, group, BLOCK_G)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < size)[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
-                    mask=mask, other=0.0)
+        x = _load_rows(x_ptr, (start + rows)[:, None], (rows < size)[:, None], cols[None, :], (cols < K)[None, :],
+                       stride_xm, stride_xk, source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
         amax, has_nan = _abs_max(x.to(tl.float32), 0)
         bits = tl.where(has_nan, _NAN_BITS, amax.to(tl.int32, bitcast=True))
         tl.atomic_max(amax_ptr + group.to(tl.int64) * K + cols, bits, mask=cols < K)
@@ -475,10 +545,11 @@ def _quantize_rebase_words(x0, x1, x2, x3, column_scale, RCEIL: tl.constexpr, HW
 def _quantize_rebase_columns_kernel(
     x_ptr, offs_ptr, amax_ptr,  # as _column_amax_kernel, amax complete
     out_ptr, scale_ptr, padded_offs_ptr,  # out: int32 words, see stride_out_*; scale (G, K) u8; padded offs (G,) int32
+    source_rows_ptr, row_weights_ptr, source_len,  # RowSource, as _column_amax_kernel
     K, Mp, G,
     stride_xm, stride_xk, stride_out_group, stride_out_col,
     BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
+    RCEIL: tl.constexpr, HW_CAST: tl.constexpr, GATHER: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     """Program (s, k): work item s, a chunk of BLOCK_M padded rows of one group (groups 0..G,
     the tail G included, each at least one chunk so that empty groups write their scales),
@@ -512,11 +583,14 @@ def _quantize_rebase_columns_kernel(
         words = chunk * (BLOCK_M // 4) + 8 * tl.arange(0, BLOCK_M // 32)[:, None, None] + tl.arange(0, 8)[None, :, None]
         cols3 = cols[None, None, :]
         in_cols = col_mask[None, None, :]
-        x_rows = x_ptr + (start + 4 * words).to(tl.int64) * stride_xm + cols3.to(tl.int64) * stride_xk
-        x0 = tl.load(x_rows, mask=(4 * words < size) & in_cols, other=0.0)
-        x1 = tl.load(x_rows + stride_xm, mask=(4 * words + 1 < size) & in_cols, other=0.0)
-        x2 = tl.load(x_rows + 2 * stride_xm, mask=(4 * words + 2 < size) & in_cols, other=0.0)
-        x3 = tl.load(x_rows + 3 * stride_xm, mask=(4 * words + 3 < size) & in_cols, other=0.0)
+        x0 = _load_rows(x_ptr, start + 4 * words, 4 * words < size, cols3, in_cols, stride_xm, stride_xk,
+                        source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
+        x1 = _load_rows(x_ptr, start + 4 * words + 1, 4 * words + 1 < size, cols3, in_cols, stride_xm, stride_xk,
+                        source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
+        x2 = _load_rows(x_ptr, start + 4 * words + 2, 4 * words + 2 < size, cols3, in_cols, stride_xm, stride_xk,
+                        source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
+        x3 = _load_rows(x_ptr, start + 4 * words + 3, 4 * words + 3 < size, cols3, in_cols, stride_xm, stride_xk,
+                        source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST)
         group_words = tl.multiple_of((padded_start // 4).to(tl.int64) * stride_out_group, 8)
         col_words = tl.multiple_of(cols.to(tl.int64) * (stride_out_col // 4), 4)[None, None, :]
         tl.store(out_ptr + group_words + col_words + words, _quantize_rebase_words(x0, x1, x2, x3, group_scale, RCEIL, HW_CAST),
@@ -538,24 +612,26 @@ def _fit(tile: tuple[int, int, int], k: int) -> tuple[int, int, int]:
     return block_m, max(min(block_k, triton.next_power_of_2(k)), 16), num_warps
 
 
-def _column_amax(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """The amax per (group, column) of x (M, K) within the row groups ending at ``offs``, as
-    int32 fp32 bits (NaN above Inf): what ``_quantize_rebase_columns_kernel`` reads."""
+def _column_amax(x: torch.Tensor, offs: torch.Tensor, source: RowSource) -> torch.Tensor:
+    """The amax per (group, column) of x (M, K) (or of ``source``'s rows of x) within the row
+    groups ending at ``offs``, as int32 fp32 bits (NaN above Inf): what
+    ``_quantize_rebase_columns_kernel`` reads."""
     k, groups = x.shape[1], offs.shape[0]
     amax = torch.zeros(groups, k, dtype=torch.int32, device=x.device)
     if groups and k:
         block_m, block_k, num_warps = _fit(AMAX_TILE, k)
         # each group adds at most one partial chunk
-        _column_amax_kernel[(triton.cdiv(x.shape[0], block_m) + groups, triton.cdiv(k, block_k))](
-            x, offs, amax, k, groups, x.stride(0), x.stride(1),
-            BLOCK_G=triton.next_power_of_2(groups + 1), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        _column_amax_kernel[(triton.cdiv(source.count(x), block_m) + groups, triton.cdiv(k, block_k))](
+            x, offs, amax, *source.args(x), k, groups, x.stride(0), x.stride(1),
+            BLOCK_G=triton.next_power_of_2(groups + 1), BLOCK_M=block_m, BLOCK_K=block_k,
+            HW_CAST=not _INTERPRETED, num_warps=num_warps, **source.flags(),
         )
     return amax
 
 
 def _quantize_rebase_columns(
     x: torch.Tensor, offs: torch.Tensor, mode: str, out: torch.Tensor, padded_rows: int,
-    stride_out_group: int, stride_out_col: int, tile: tuple[int, int, int] | None,
+    stride_out_group: int, stride_out_col: int, tile: tuple[int, int, int] | None, source: RowSource = RowSource(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the columns of x (M, K) in 32-row blocks within the row groups ending at
     ``offs``, each group padded to a multiple of 32 rows, rebased to one scale per (group,
@@ -565,7 +641,7 @@ def _quantize_rebase_columns(
 
     Two kernels, each parallel over (row chunks of every group, column tiles), so that one large
     group (skewed routing) still spreads over the GPU: the group amax per column
-    (``_column_amax``), then the cast.
+    (``_column_amax``), then the cast. ``source``: the columns of its rows of x instead.
     """
     k = x.shape[1]
     groups = offs.shape[0]
@@ -573,20 +649,22 @@ def _quantize_rebase_columns(
     padded_offs = torch.empty(groups, dtype=torch.int32, device=x.device)
     if k == 0:
         return scales, padded_offs.copy_(numerics.padded_group_offsets(offs))
-    amax = _column_amax(x, offs)
+    amax = _column_amax(x, offs, source)
     block_m, block_k, num_warps = _fit(tile or CAST_TILE, k)
     # each group adds at most one partial chunk, and each of groups + 1 (the tail) has one
     _quantize_rebase_columns_kernel[(triton.cdiv(padded_rows, block_m) + groups + 1, triton.cdiv(k, block_k))](
-        x, offs, amax, out.view(torch.int32), scales, padded_offs, k, padded_rows, groups,
+        x, offs, amax, out.view(torch.int32), scales, padded_offs, *source.args(x), k, padded_rows, groups,
         x.stride(0), x.stride(1), stride_out_group, stride_out_col,
         BLOCK_G=triton.next_power_of_2(groups + 1), BLOCK_M=block_m, BLOCK_K=block_k,
         RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL, HW_CAST=not _INTERPRETED, num_warps=num_warps,
+        **source.flags(),
     )
     return scales, padded_offs
 
 
 def quantize_rebase_token_groups(
     x: torch.Tensor, offs: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int, int] | None = None,
+    source: RowSource = RowSource(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``numerics.rebase_token_groups(*numerics.to_mx_token_groups(x, offs))`` in one CUDA
     kernel, with the data written transposed.
@@ -596,13 +674,15 @@ def quantize_rebase_token_groups(
     int32)`` with ``Mp = padded_rows_bound(M, G, 32)``: the (Mp, K) result of numerics,
     transposed, so that tokens are contiguous as the wgrad's FP8 GEMM takes both operands.
     ``tile``: ``(BLOCK_M, BLOCK_K, num_warps)`` of the cast kernel, by default ``CAST_TILE``.
+    ``source``: the cast of ``numerics.gather_rows(x, ...)`` (M, K) instead, x (T, K).
     """
     check_high_precision("x", x)
     check_offsets("offs", offs)
     check_tokens("x", x)
-    mp = padded_rows_bound(x.shape[0], offs.shape[0], BLOCK_SIZE)
+    source.check(x)
+    mp = padded_rows_bound(source.count(x), offs.shape[0], BLOCK_SIZE)
     out = torch.empty(x.shape[1], mp, dtype=torch.float8_e4m3fn, device=x.device)
-    return out, *_quantize_rebase_columns(x, offs, mode, out, mp, 1, mp, tile)
+    return out, *_quantize_rebase_columns(x, offs, mode, out, mp, 1, mp, tile, source)
 
 
 @triton.jit
@@ -610,10 +690,12 @@ def _mx_rows_and_token_groups_kernel(
     x_ptr, offs_ptr,  # x (M, K) any strides; offs (G,) int32
     rows_ptr, row_scale_ptr,  # (M, K) e4m3 bytes, (M, K/32) u8, both contiguous
     cols_ptr, col_scale_ptr, padded_offs_ptr,  # (Mp, K) e4m3 bytes, (Mp/32, K) u8, or both transposed; (G,)
+    source_rows_ptr, row_weights_ptr, source_len,  # RowSource: rows r of x[source_rows] * row_weights
     M, K, Mp, G,
     stride_xm, stride_xk,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, RCEIL: tl.constexpr, HW_CAST: tl.constexpr,
     WRITE_ROWS: tl.constexpr, WRITE_COLUMNS: tl.constexpr, TOKENS_CONTIGUOUS: tl.constexpr,
+    GATHER: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     """Program (s, k): work item s, a 32-row chunk, columns [k*BLOCK_K, +BLOCK_K). Entries
     g < G are the groups, 32 padded rows a chunk: each 32-row block of a column quantized with
@@ -640,8 +722,8 @@ def _mx_rows_and_token_groups_kernel(
         valid = local < _of_group(sizes, group, BLOCK_G)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        x = tl.load(x_ptr + source.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
-                    mask=valid[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        x = _load_rows(x_ptr, source[:, None], valid[:, None], cols[None, :], col_mask[None, :], stride_xm, stride_xk,
+                       source_rows_ptr, row_weights_ptr, source_len, GATHER, WEIGHTED, HW_CAST).to(tl.float32)
         if WRITE_COLUMNS:
             if group <= G:  # along tokens: one block of 32 padded rows per column
                 amax, has_nan = _abs_max(x, 0)
@@ -680,15 +762,17 @@ MX_TILE = (128, 1)
 
 def _mx_casts(
     x: torch.Tensor, offs: torch.Tensor, mode: str, rows: bool, columns: bool, tile: tuple[int, int] | None,
-    tokens_contiguous: bool = False,
+    tokens_contiguous: bool = False, source: RowSource = RowSource(),
 ) -> tuple[torch.Tensor, ...]:
-    """The MX casts of x (M, K) that ``rows`` and ``columns`` ask for, in one launch:
-    ``(rows, row scales)`` then ``(token groups, their scales, padded offs)``, the token groups
-    (Mp, K) and (Mp/32, K), or with ``tokens_contiguous`` (K, Mp) and (K, Mp/32)."""
+    """The MX casts of x (M, K) (or of ``source``'s (M, K) rows of x) that ``rows`` and
+    ``columns`` ask for, in one launch: ``(rows, row scales)`` then ``(token groups, their
+    scales, padded offs)``, the token groups (Mp, K) and (Mp/32, K), or with
+    ``tokens_contiguous`` (K, Mp) and (K, Mp/32)."""
     check_high_precision("x", x)
     if rows:
         check_block_dim("x", x, -1)
-    (m, k), groups = x.shape, offs.shape[0]
+    source.check(x)
+    (m, k), groups = (source.count(x), x.shape[1]), offs.shape[0]
     mp = padded_rows_bound(m, groups, BLOCK_SIZE) if columns else 0
     cols_shape, col_scales_shape = (mp, k), (mp // BLOCK_SIZE, k)
     if tokens_contiguous:
@@ -710,10 +794,10 @@ def _mx_casts(
     chunks = mp // 32 + (triton.cdiv(m, 32) if rows else 0)
     _mx_rows_and_token_groups_kernel[(chunks, triton.cdiv(k, block_k))](
         x, offs, out["rows"].view(torch.uint8), out["row_scales"], out["cols"].view(torch.uint8),
-        out["col_scales"], out["padded_offs"], m, k, mp, groups, x.stride(0), x.stride(1),
+        out["col_scales"], out["padded_offs"], *source.args(x), m, k, mp, groups, x.stride(0), x.stride(1),
         BLOCK_G=triton.next_power_of_2(groups + 2), BLOCK_K=block_k, RCEIL=ScaleMode.parse(mode) is ScaleMode.RCEIL,
         HW_CAST=not _INTERPRETED, WRITE_ROWS=rows, WRITE_COLUMNS=columns, TOKENS_CONTIGUOUS=tokens_contiguous,
-        num_warps=num_warps,
+        num_warps=num_warps, **source.flags(),
     )
     return tuple(out[p] for p in parts)
 
@@ -742,6 +826,7 @@ def quantize_token_groups(
 
 def quantize_rows_and_token_groups(
     x: torch.Tensor, offs: torch.Tensor, mode: str = "rceil", *, tile: tuple[int, int] | None = None,
+    source: RowSource = RowSource(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(*numerics.to_mx(x, dim=-1), *numerics.to_mx_token_groups(x, offs))`` in one CUDA
     kernel that reads x once: the MX operands (no rebase) of a grouped GEMM along K and of its
@@ -752,10 +837,11 @@ def quantize_rows_and_token_groups(
     int32 group end offsets. Output: ``(rows (M, K) e4m3, row scales (M, K/32) u8, token groups
     (K, Mp) e4m3, their scales (K, Mp/32) u8, padded offs (G,) int32)``, ``Mp =
     padded_rows_bound(M, G, 32)``. ``tile``: ``(BLOCK_K, num_warps)``, by default ``MX_TILE``.
+    ``source``: the casts of ``numerics.gather_rows(x, ...)`` (M, K) instead, x (T, K).
     """
     check_offsets("offs", offs)
     check_tokens("x", x)
-    return _mx_casts(x, offs, mode, True, True, tile, tokens_contiguous=True)
+    return _mx_casts(x, offs, mode, True, True, tile, tokens_contiguous=True, source=source)
 
 
 def _quantize_rebase_transposed(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

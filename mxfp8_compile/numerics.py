@@ -119,6 +119,36 @@ def check_tokens(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2D (tokens, features), got shape {tuple(x.shape)}")
 
 
+def check_gather(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None) -> None:
+    """Raise unless ``(src, rows, weights)`` are the arguments ``gather_rows`` takes: ``src`` (T,
+    K) high precision, ``rows`` (M,) int32 or int64, ``weights`` None or (M,) high precision."""
+    check_high_precision("src", src)
+    check_tokens("src", src)
+    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rows must be a 1D int32 or int64 index, got {rows.dtype} {tuple(rows.shape)}")
+    if weights is not None:
+        check_high_precision("weights", weights)
+        if weights.shape != rows.shape:
+            raise ValueError(f"weights must be one per gathered row, {tuple(rows.shape)}, got {tuple(weights.shape)}")
+
+
+def gather_rows(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``src[rows]``, each row times its entry of ``weights`` if given: the (M, K) operand a
+    token permutation produces (a gather; in the combine's backward, a gather times the routing
+    weight), as the casts that read ``src`` through ``rows`` see it.
+
+    ``src`` (T, K) bf16/fp16/fp32; ``rows`` (M,) int32/int64, negative entries counted from the
+    end as indexing counts them; ``weights`` (M,) bf16/fp16/fp32. The product is taken in fp32
+    and rounded once to ``src``'s dtype: what an eager or Inductor ``mul`` of these dtypes
+    computes when its result has ``src``'s dtype (a bf16 ``mul``, or an fp32 one cast back).
+    """
+    check_gather(src, rows, weights)
+    x = src[rows]
+    if weights is None:
+        return x
+    return (x.float() * weights.float()[:, None]).to(src.dtype)
+
+
 def check_square(name: str, x: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``x`` (.., R, C) can be cast in 32x32 tiles: a high-precision
     dtype, R and C multiples of 32."""

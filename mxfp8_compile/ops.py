@@ -14,6 +14,8 @@ quantize_token_groups      x (M, K), offs (G,) -> (qdata (Mp, K), scales (Mp/32,
 quantize_token_groups_transposed  the same, written (K, Mp) and (K, Mp/32): the sm100 wgrad's layout
 quantize_rows_and_token_groups  x (M, K), offs -> quantize along K and quantize_token_groups_transposed
                            (sm100), x read once on CUDA
+quantize_rows_and_token_groups_gathered  the same of ``numerics.gather_rows(src, rows, weights)``,
+                           read through ``rows`` (the gather is never written)
 dequantize                 (qdata, scales, dim, dtype) -> dtype
 quantize_mxint8            x along ``dim`` -> (qdata int8, scales u8): MXINT8, the wire format of
 dequantize_mxint8          the all-to-all payloads no GEMM reads (reference kernels everywhere)
@@ -30,6 +32,8 @@ quantize_rebase_square     (x, its tile scales) -> to_mx_square with them, then 
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
                            data transposed (K, Mp) (Triton on CUDA)
+quantize_rebase_gathered   (src, rows, weights, offs) -> quantize_rebase and quantize_rebase_token_groups
+                           of ``numerics.gather_rows(src, rows, weights)``, read through ``rows`` (SM90)
 scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
                            2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
 scaled_mm                  MX (M,K) x (K,N) -> (M,N) out_dtype
@@ -212,6 +216,37 @@ def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Ten
     return (*_quantize_fake(x, -1, mode), *_quantize_token_groups_transposed_fake(x, offs, mode))
 
 
+def _gathered_rows_fake(src: Tensor, rows: Tensor, weights: Tensor | None) -> Tensor:
+    """Check a gathered cast's source; the gathered operand (M, K), empty, for the fakes."""
+    numerics.check_gather(src, rows, weights)
+    return src.new_empty(rows.shape[0], src.shape[1])
+
+
+@torch.library.custom_op("mxfp8::quantize_rows_and_token_groups_gathered", mutates_args=())
+def quantize_rows_and_token_groups_gathered(
+    src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``quantize_rows_and_token_groups`` of ``numerics.gather_rows(src, rows, weights)``: on
+    CUDA one Triton kernel that reads each gathered row of ``src`` once, so that the gathered
+    (M, K) operand is never written (sm100)."""
+    return quantize_rows_and_token_groups(numerics.gather_rows(src, rows, weights), offs, mode)
+
+
+@quantize_rows_and_token_groups_gathered.register_kernel("cuda")
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import RowSource, quantize_rows_and_token_groups as kernel
+
+    return kernel(src, offs, mode, source=RowSource(rows, weights))
+
+
+@quantize_rows_and_token_groups_gathered.register_fake
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x = _gathered_rows_fake(src, rows, weights)
+    return (*_quantize_fake(x, -1, mode), *_quantize_token_groups_transposed_fake(x, offs, mode))
+
+
 @torch.library.custom_op("mxfp8::dequantize", mutates_args=())
 def dequantize(qdata: Tensor, scales: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
     """``numerics.from_mx``, contiguous."""
@@ -341,7 +376,7 @@ def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
 
 
 @quantize_rebase.register_fake
-def _(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+def _quantize_rebase_fake(x: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor]:
     numerics.check_high_precision("x", x)
     numerics.check_block_dim("x", x, -1)
     numerics.ScaleMode.parse(mode)
@@ -426,13 +461,42 @@ def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Ten
 
 
 @quantize_rebase_token_groups.register_fake
-def _(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
+def _quantize_rebase_token_groups_fake(x: Tensor, offs: Tensor, mode: str = "rceil") -> tuple[Tensor, Tensor, Tensor]:
     rows = _padded_token_rows(x, offs, mode)
     return (
         x.new_empty(x.shape[1], rows, dtype=_E4M3),
         x.new_empty(offs.shape[0], x.shape[1], dtype=_U8),
         offs.new_empty(offs.shape),
     )
+
+
+@torch.library.custom_op("mxfp8::quantize_rebase_gathered", mutates_args=())
+def quantize_rebase_gathered(
+    src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``quantize_rebase`` and ``quantize_rebase_token_groups`` of ``numerics.gather_rows(src,
+    rows, weights)`` (M, K): (rows (M, K) e4m3, row scales (M,) u8, token groups (K, Mp) e4m3,
+    group scales (G, K) u8, padded offs (G,) int32). The sm90 operands of a grouped GEMM along K
+    and of its wgrad along tokens, for an operand that a token permutation produces: on CUDA the
+    kernels read ``src`` through ``rows``, so that the gathered operand is never written."""
+    x = numerics.gather_rows(src, rows, weights)
+    return (*quantize_rebase(x, mode), *quantize_rebase_token_groups(x, offs, mode))
+
+
+@quantize_rebase_gathered.register_kernel("cuda")
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import RowSource, quantize_rebase_rows, quantize_rebase_token_groups
+
+    source = RowSource(rows, weights)
+    return (*quantize_rebase_rows(src, mode, source=source), *quantize_rebase_token_groups(src, offs, mode, source=source))
+
+
+@quantize_rebase_gathered.register_fake
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x = _gathered_rows_fake(src, rows, weights)
+    return (*_quantize_rebase_fake(x, mode), *_quantize_rebase_token_groups_fake(x, offs, mode))
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ ROTATING = 3
 # roles, and converts only what its cost model predicts faster; every_gemm converts every expert GEMM;
 # square_weights casts weights in 32x32 tiles)
 VARIANTS = {"default": Config(), "every_gemm": Config(cost_model=False), "square_weights": Config(weight_blocks="32x32"),
-            "fast_accum_forward": Config(fast_accum=("forward",)), "exact_accum": Config(fast_accum=())}
+            "fast_accum_forward": Config(fast_accum=("forward",)), "exact_accum": Config(fast_accum=()),
+            "no_gathered_casts": Config(gathered_casts=False)}
 
 
 def compile_mxfp8(module: torch.nn.Module, variant: str) -> torch.nn.Module:

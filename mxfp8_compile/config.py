@@ -76,6 +76,11 @@ class Config:
         weight's tile scales, found once (as fast as 1x32 there, 0.91-1.02x on an H100: the
         rowwise rebase still needs each row's maxima, so the weight is read three times either
         way; the cost model prices these casts as 1x32's); sm100 refuses it (no kernels yet).
+    gathered_casts: on sm90 and sm100, an activation that a token permutation produces (the
+        forward's ``x[perm]``, the combine's gradient gathered in the backward) is cast by
+        reading its source through the permutation (``passes/gathered_rows.py``), so that the
+        permuted bf16 copy is never written. Off: the copy is written and read, as before (for
+        comparison; the casts give the same bits either way).
     sm100_ragged_groups: on sm100, hand torch's MX grouped GEMM the forward's and dgrad's token
         groups as they are (any sizes) instead of padded to multiples of 32 rows. Off by default:
         every MX 2d-3d run upstream (torch's tests, torchao) pads to 32, and ragged groups are
@@ -99,6 +104,7 @@ class Config:
     a2a_payloads: str = "gemm_inputs"
     a2a_wire_format: str = "mxint8"
     weight_blocks: str = "1x32"
+    gathered_casts: bool = True
     sm100_ragged_groups: bool = False
 
     def __post_init__(self) -> None:
@@ -120,7 +126,7 @@ class Config:
             _check_choice("keep_bf16_roles", keep, KEEP_BF16_ROLES)
         for dtype in self.operand_dtypes:
             _check_choice("operand_dtypes", dtype, tuple(OPERAND_DTYPES))
-        for name in ("dense_linears", "cost_model", "sm100_ragged_groups"):
+        for name in ("dense_linears", "cost_model", "gathered_casts", "sm100_ragged_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         # bool is an int subclass: min_gemm_size=True would quietly mean 1

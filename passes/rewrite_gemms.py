@@ -70,6 +70,13 @@ On sm90 and sm100, an activation that a grouped GEMM casts along K and its wgrad
 kernel that reads it once::
 
     qa, sa, qxt, sxt, po = mxfp8.quantize_rows_and_token_groups(x, offs, mode)
+
+When that activation is a token permutation (``passes/gathered_rows.py``: ``src[rows]``, times a
+routing weight per row in the backward), its casts read ``src`` through ``rows`` and the
+permuted tensor is never written::
+
+    ra, sa, rxt, sx, po = mxfp8.quantize_rebase_gathered(src, rows, w, offs, mode)             # sm90
+    qa, sa, qxt, sxt, po = mxfp8.quantize_rows_and_token_groups_gathered(src, rows, w, offs, mode)  # sm100
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ from mxfp8_compile import numerics
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes._graph import insert_call, insert_multi, insert_traced
 from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
+from mxfp8_compile.passes.gathered_rows import gathered_rows
 from mxfp8_compile.passes.report import Layout, Role
 
 mxfp8 = torch.ops.mxfp8
@@ -97,7 +105,8 @@ def rewrite_gemms(
 ) -> None:
     """Rewrite every converted match in place, for ``target``. ``keep_apart``: nodes whose casts
     must stay separate ops (the rows a hoist moves: it moves the row cast alone)."""
-    casts = _Casts(matches, target, config.scale_mode, keep_apart, square_weights=config.weight_blocks == "32x32")
+    casts = _Casts(matches, target, config.scale_mode, keep_apart, square_weights=config.weight_blocks == "32x32",
+                   gathered=config.gathered_casts)
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten GEMM's node -> what now computes it
     for match in matches:
         if match.decision:
@@ -210,13 +219,15 @@ class _Casts:
     sm100 in one op that reads x once (``quantize_rows_and_token_groups``), on sm90 as the two
     casts (the row cast keeps the template that fuses its producer; a fused rebased pair, which
     reads x twice instead of three times, was slower on an H100 or tied, at every width timed:
-    benchmarks/RESULTS.md, 2026-12-06). The emulated target, the reference, casts every operand
-    where its GEMM reads it.
+    benchmarks/RESULTS.md, 2026-12-06). Such an activation that a token permutation produces is
+    cast through it (``gathered``: ``Config.gathered_casts``), one op for both orientations on
+    either target. The emulated target, the reference, casts every operand where its GEMM reads it.
     """
 
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node],
-                 square_weights: bool = False) -> None:
+                 square_weights: bool = False, gathered: bool = True) -> None:
         self.target, self.rebased, self.mode, self.square_weights = target, target == "sm90", mode, square_weights
+        self.gathered = gathered
         self.squares: dict[fx.Node, list[fx.Node]] = {}  # emulated: a weight's (data, tile scales)
         self.tiles: dict[fx.Node, fx.Node] = {}  # sm90: a weight's tile scales
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
@@ -281,10 +292,16 @@ class _Casts:
 
     def _shared(self, n: _Nodes, key: CastKey) -> list[fx.Node]:
         if key not in self.outputs:
-            x = n.transposed(key[0]) if key[1] else key[0]
-            if self.rebased:
+            gather = gathered_rows(key[0]) if self.gathered and not key[1] else None
+            if gather is not None:  # read through the permutation, which is then never written
+                weights = gather.weights and n.call(aten.squeeze.dim, gather.weights, 1)
+                op = mxfp8.quantize_rebase_gathered if self.rebased else mxfp8.quantize_rows_and_token_groups_gathered
+                both = n.multi(op.default, gather.src, gather.rows, weights, key[2], self.mode)
+            elif self.rebased:
+                x = n.transposed(key[0]) if key[1] else key[0]
                 both = [*self._rows(n, x), *self._token_groups(n, x, key[2])]
             else:
+                x = n.transposed(key[0]) if key[1] else key[0]
                 both = n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode)
             self.outputs[key] = both
         return self.outputs[key]

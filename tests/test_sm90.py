@@ -4,6 +4,7 @@ is monkeypatched to report an SM90 device. The same path runs for real in test_g
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from mxfp8_compile import Config, ops
 from mxfp8_compile.examples.moe import MoEConfig, build
 from mxfp8_compile.lowering import targets
 from mxfp8_compile.numerics import e8m0_to_fp32, sqnr
+from mxfp8_compile.passes.gathered_rows import gathered_rows
 
 BF16 = torch.bfloat16
 # the rewrite of every GEMM, including those the cost model would keep at these small sizes
@@ -93,8 +95,15 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
             "mxfp8.scaled_mm_rowwise.default"} <= set(targets_in_graph)
     assert not {"mxfp8.scaled_grouped_mm.default", "aten._grouped_mm.default"} & set(targets_in_graph)
     # every activation an expert GEMM casts along K and its wgrad along tokens is cast once each
-    # way: x (shared by the gate and up projections), h (down), and the backward's dy of each
-    assert targets_in_graph["mxfp8.quantize_rebase_token_groups.default"] == 5
+    # way: x (shared by the gate and up projections), h (down), and the backward's dy of each;
+    # the two that a token permutation produces (x, and the down projection's dy: the combine's
+    # gradient gathered, times the routing weight) read its source through the permutation
+    assert targets_in_graph["mxfp8.quantize_rebase_token_groups.default"] == 3
+    gathered = [n for n in graphs["joint"].graph.nodes if n.target is torch.ops.mxfp8.quantize_rebase_gathered.default]
+    assert sorted(n.args[2] is not None for n in gathered) == [False, True]  # dy's has the weights
+    # and no other cast reads a permutation
+    casts = {torch.ops.mxfp8.quantize_rebase.default, torch.ops.mxfp8.quantize_rebase_token_groups.default}
+    assert not [n for n in graphs["joint"].graph.nodes if n.target in casts and gathered_rows(n.args[0])]
     # each GEMM reads fp32 scales decoded by graph ops (which Inductor fuses), not by the op itself
     rowwise = [n for gm in graphs.values() for n in gm.graph.nodes if str(n.target).endswith("mm_rowwise.default")]
     assert rowwise
@@ -163,8 +172,10 @@ def test_shared_activations_are_cast_once_each_way() -> None:
     compiled(x).float().sum().backward()
     nodes = list(graphs["joint"].graph.nodes)
     groups = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_token_groups.default]
-    assert [n.args[0].meta["val"].shape[-1] for n in groups].count(128) == 2  # x and the down projection's dy
-    assert len(groups) == 5
+    gathered = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_gathered.default]
+    # x and the down projection's dy, read through the token permutation that produces them
+    assert [n.args[0].meta["val"].shape[-1] for n in gathered] == [128, 128]
+    assert len(groups) == 3
     for cast in groups:
         rows = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase.default and n.args[0] is cast.args[0]]
         assert len(rows) == 1, cast.args[0]
@@ -210,3 +221,24 @@ def test_a_grouped_wgrad_kept_in_bf16_gets_operands_cuda_accepts(monkeypatch: py
     report = mxfp8_compile.last_report()
     assert {e.site.role.value for e in report.entries if e.converted} == {"forward", "dgrad"}
     assert seen and any(s % 8 for sizes in seen for s in sizes)  # unaligned groups reached the kept wgrads
+
+
+@pytest.mark.usefixtures("pretend_sm90")
+def test_gathered_casts_give_the_bits_of_the_permuted_copy() -> None:
+    # x and the down projection's dy cast through the token permutation, or written out and
+    # cast (Config.gathered_casts=False): the same output and gradients, bit for bit
+    model, (x,) = build(MoEConfig(layers=1, dim=128, heads=4, expert_hidden=64, experts=4, shared_hidden=0))
+    results = []
+    for gathered in (True, False):
+        graphs: dict[str, torch.fx.GraphModule] = {}
+        config = dataclasses.replace(SM90_EVERY_GEMM, gathered_casts=gathered)
+        model.zero_grad(set_to_none=True)
+        compiled = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False, on_graph=graphs.__setitem__))
+        out = compiled(x)
+        out.float().sum().backward()
+        gathered_ops = [n for n in graphs["joint"].graph.nodes if n.target == torch.ops.mxfp8.quantize_rebase_gathered.default]
+        assert len(gathered_ops) == (2 if gathered else 0)
+        results.append([out, *(p.grad for p in model.parameters() if p.grad is not None)])
+    assert len(results[0]) > 10
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

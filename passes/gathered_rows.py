@@ -1,0 +1,143 @@
+"""Find the token permutation an activation comes out of, so that its casts read the source.
+
+The activation a routed expert's grouped GEMM reads is a permutation of rows the graph holds
+anyway: in the forward the tokens sorted by expert, ``src[rows]`` (HF's ``hidden[token_idx]``,
+torchtitan's ``x[token_indices // top_k]``); in the backward the combine's gradient gathered the
+same way, times each row's routing weight. Written out, the permuted (M, K) tensor costs one
+write and one read more than its casts need (on sm90: gather 2 bytes moved per input byte, then
+the row cast, the token-group amax and the token-group cast read it). Cast through ``rows``
+(``mxfp8.quantize_rebase_gathered``, sm100's ``quantize_rows_and_token_groups_gathered``), it
+is never written::
+
+    x = index(src, [rows])                                    ->  Gather(src, rows, None)
+    x = mul(expand(index(src, [rows])), w)                    ->  Gather(src, rows, w[:, 0])
+    x = convert(mul(convert(index(src, [rows]), f32), w), src.dtype)
+    x = gather(src, 0, rows.view(-1, 1).expand(-1, K))       ->  Gather(src, rows, None)
+
+``w`` is one weight per row, (M, 1); the product, whatever dtype the ``mul`` runs in, is
+rounded once to ``src``'s dtype, which is ``numerics.gather_rows``'s contract. Anything else
+(a mask index, a gather along another dim, a weight per column, a product kept in fp32 for
+an operand in bf16) is not a gather the casts can read through, and stays as it is.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+
+from mxfp8_compile.numerics import HIGH_PRECISION_DTYPES
+
+aten = torch.ops.aten
+_CONVERT = torch.ops.prims.convert_element_type.default
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class Gather(NamedTuple):
+    """``numerics.gather_rows(src, rows, weights)``: ``weights`` a (M, 1) node, or None."""
+
+    src: fx.Node
+    rows: fx.Node
+    weights: fx.Node | None
+
+
+def _val(node: object) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _same_shape(node: fx.Node, like: fx.Node) -> bool:
+    return _val(node) is not None and _val(like) is not None and _val(node).shape == _val(like).shape
+
+
+def _same_width(node: fx.Node, like: fx.Node) -> bool:
+    return _val(node) is not None and _val(like) is not None and _val(node).shape[1:] == _val(like).shape[1:]
+
+
+def _converted_to(node: fx.Node) -> torch.dtype | None:
+    """The dtype ``node`` casts its input to, if a dtype cast is all it does (``prims`` after
+    decomposition, ``aten._to_copy`` before)."""
+    if node.op != "call_function":
+        return None
+    if node.target is _CONVERT:
+        return node.args[1]
+    if node.target is aten._to_copy.default and set(node.kwargs) == {"dtype"} and len(node.args) == 1:
+        return node.kwargs["dtype"]
+    return None
+
+
+def _peel(node: fx.Node) -> fx.Node:
+    """``node`` through what changes neither its rows nor their values: an ``expand`` to its own
+    shape, a cast to fp32 (exact from bf16, fp16 and fp32)."""
+    while node.op == "call_function":
+        if node.target is aten.expand.default and _same_shape(node, node.args[0]):
+            node = node.args[0]
+        elif _converted_to(node) == torch.float32:
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _column_of(node: fx.Node) -> fx.Node | None:
+    """``rows`` where ``node`` is ``rows`` (1D) as a column, expanded across the features
+    (``gather``'s index for whole rows: ``rows.view(-1, 1).expand(-1, K)``)."""
+    if node.op != "call_function" or node.target is not aten.expand.default:
+        return None
+    column = node.args[0]
+    if column.op != "call_function" or _val(column) is None or _val(column).dim() != 2 or _val(column).shape[1] != 1:
+        return None
+    if column.target in (aten.view.default, aten.reshape.default, aten.unsqueeze.default):
+        return column.args[0]
+    return None
+
+
+def _index(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(src, rows)`` of ``src[rows]`` along dim 0 (``index``, ``index_select``, or ``gather``
+    of whole rows: torchtitan's scatter_add backward), src 2D high precision and rows 1D
+    int32/int64."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.index.Tensor and len(node.args[1]) == 1:
+        src, rows = node.args[0], node.args[1][0]
+    elif node.target is aten.index_select.default and node.args[1] in (0, -2):
+        src, rows = node.args[0], node.args[2]
+    elif node.target is aten.gather.default and node.args[1] in (0, -2) and _same_width(node, node.args[0]):
+        src, rows = node.args[0], _column_of(node.args[2])
+    else:
+        return None
+    src_val, rows_val = _val(src), _val(rows) if isinstance(rows, fx.Node) else None
+    if src_val is None or rows_val is None or src_val.dim() != 2 or src_val.dtype not in HIGH_PRECISION_DTYPES:
+        return None
+    if rows_val.dim() != 1 or rows_val.dtype not in _INDEX_DTYPES:
+        return None
+    return src, rows
+
+
+def _row_weights(node: fx.Node, gathered: fx.Node) -> bool:
+    """Whether ``node`` is one high-precision weight per row of ``gathered`` (M, K): (M, 1)."""
+    val, rows = _val(node), _val(gathered)
+    return (val is not None and rows is not None and val.dim() == 2 and val.dtype in HIGH_PRECISION_DTYPES
+            and val.shape[1] == 1 and val.shape[0] == rows.shape[0])
+
+
+def gathered_rows(node: fx.Node) -> Gather | None:
+    """The gather ``node`` (2D) is, as ``Gather``; None if it is not one the casts can read
+    through."""
+    want = _val(node)
+    if want is None or want.dim() != 2:
+        return None
+    if _converted_to(node) is not None:  # the product rounded to its dtype
+        node = node.args[0]
+    index = _index(node)
+    if index is not None:
+        return Gather(*index, None) if _val(index[0]).dtype == want.dtype else None
+    if node.op != "call_function" or node.target is not aten.mul.Tensor or not all(
+            isinstance(a, fx.Node) for a in node.args):
+        return None
+    for gathered, weights in (node.args, node.args[::-1]):
+        index = _index(_peel(gathered))
+        if index is not None and _val(index[0]).dtype == want.dtype and _row_weights(_peel(weights), gathered):
+            return Gather(*index, _peel(weights))
+    return None

@@ -122,6 +122,7 @@ def test_cast_ops_run_their_triton_kernels() -> None:
     x = torch.randn(256, 512, device="cuda", dtype=BF16)
     offs = torch.tensor([100, 256], device="cuda", dtype=torch.int32)
     tiles = ops.square_tile_scales(x)
+    rows, weights = torch.randperm(256, device="cuda"), torch.rand(256, device="cuda", dtype=BF16)
     for call, expected in (
         (lambda: ops.quantize_rebase(x), ["_quantize_rebase_rows_kernel"]),
         (lambda: ops.quantize_rebase(x.t()), ["_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
@@ -132,6 +133,9 @@ def test_cast_ops_run_their_triton_kernels() -> None:
         (lambda: ops.quantize(x), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize_token_groups(x, offs), ["_mx_rows_and_token_groups_kernel"]),
         (lambda: ops.quantize_token_groups_transposed(x, offs), ["_mx_rows_and_token_groups_kernel"]),
+        (lambda: ops.quantize_rebase_gathered(x, rows, weights, offs),
+         ["_quantize_rebase_rows_kernel", "_column_amax_kernel", "_quantize_rebase_columns_kernel"]),
+        (lambda: ops.quantize_rows_and_token_groups_gathered(x, rows, None, offs), ["_mx_rows_and_token_groups_kernel"]),
     ):
         call()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -32,8 +32,8 @@ quantize_rebase_square     (x, its tile scales) -> to_mx_square with them, then 
 rebase_token_groups        (qdata (Mp,K), scales, padded offs) -> (rebased, scales (G, K)) (SM90)
 quantize_rebase_token_groups  x (M, K), offs -> quantize_token_groups then rebase_token_groups,
                            data transposed (K, Mp) (Triton on CUDA)
-quantize_rebase_gathered   (src, rows, weights, offs) -> quantize_rebase and quantize_rebase_token_groups
-                           of ``numerics.gather_rows(src, rows, weights)``, read through ``rows`` (SM90)
+quantize_rebase_gathered, quantize_rebase_token_groups_gathered  (src, rows, weights[, offs]) ->
+                           the two of ``numerics.gather_rows(src, rows, weights)``, read through ``rows``
 scaled_grouped_mm          MX operands, offs -> out_dtype: 2Dx3D (M,K)x(E,K,N)->(M,N) or
                            2Dx2D (N,Mp)x(Mp,K)->(G,N,K); scales along the contraction dim
 scaled_mm                  MX (M,K) x (K,N) -> (M,N) out_dtype
@@ -471,32 +471,47 @@ def _quantize_rebase_token_groups_fake(x: Tensor, offs: Tensor, mode: str = "rce
 
 
 @torch.library.custom_op("mxfp8::quantize_rebase_gathered", mutates_args=())
-def quantize_rebase_gathered(
-    src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``quantize_rebase`` and ``quantize_rebase_token_groups`` of ``numerics.gather_rows(src,
-    rows, weights)`` (M, K): (rows (M, K) e4m3, row scales (M,) u8, token groups (K, Mp) e4m3,
-    group scales (G, K) u8, padded offs (G,) int32). The sm90 operands of a grouped GEMM along K
-    and of its wgrad along tokens, for an operand that a token permutation produces: on CUDA the
-    kernels read ``src`` through ``rows``, so that the gathered operand is never written."""
-    x = numerics.gather_rows(src, rows, weights)
-    return (*quantize_rebase(x, mode), *quantize_rebase_token_groups(x, offs, mode))
+def quantize_rebase_gathered(src: Tensor, rows: Tensor, weights: Tensor | None, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    """``quantize_rebase`` of ``numerics.gather_rows(src, rows, weights)`` (M, K): (rebased (M, K)
+    e4m3, row scales (M,) u8). For an operand a token permutation produces: on CUDA the kernel
+    reads ``src`` through ``rows``, so that the gathered operand is never written (SM90)."""
+    return quantize_rebase(numerics.gather_rows(src, rows, weights), mode)
 
 
 @quantize_rebase_gathered.register_kernel("cuda")
-def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
-      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from mxfp8_compile.lowering.triton_quantize import RowSource, quantize_rebase_rows, quantize_rebase_token_groups
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import RowSource, quantize_rebase_rows
 
-    source = RowSource(rows, weights)
-    return (*quantize_rebase_rows(src, mode, source=source), *quantize_rebase_token_groups(src, offs, mode, source=source))
+    return quantize_rebase_rows(src, mode, source=RowSource(rows, weights))
 
 
 @quantize_rebase_gathered.register_fake
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, mode: str = "rceil") -> tuple[Tensor, Tensor]:
+    return _quantize_rebase_fake(_gathered_rows_fake(src, rows, weights), mode)
+
+
+@torch.library.custom_op("mxfp8::quantize_rebase_token_groups_gathered", mutates_args=())
+def quantize_rebase_token_groups_gathered(
+    src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_rebase_token_groups`` of ``numerics.gather_rows(src, rows, weights)``, read
+    through ``rows`` on CUDA as ``quantize_rebase_gathered`` (SM90). A separate op from the row
+    cast, as the ungathered casts are, so that the scheduler places each where its GEMM needs it."""
+    return quantize_rebase_token_groups(numerics.gather_rows(src, rows, weights), offs, mode)
+
+
+@quantize_rebase_token_groups_gathered.register_kernel("cuda")
 def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
-      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    x = _gathered_rows_fake(src, rows, weights)
-    return (*_quantize_rebase_fake(x, mode), *_quantize_rebase_token_groups_fake(x, offs, mode))
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    from mxfp8_compile.lowering.triton_quantize import RowSource, quantize_rebase_token_groups as kernel
+
+    return kernel(src, offs, mode, source=RowSource(rows, weights))
+
+
+@quantize_rebase_token_groups_gathered.register_fake
+def _(src: Tensor, rows: Tensor, weights: Tensor | None, offs: Tensor, mode: str = "rceil"
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    return _quantize_rebase_token_groups_fake(_gathered_rows_fake(src, rows, weights), offs, mode)
 
 
 # --------------------------------------------------------------------------------------------

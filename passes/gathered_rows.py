@@ -6,7 +6,8 @@ torchtitan's ``x[token_indices // top_k]``); in the backward the combine's gradi
 same way, times each row's routing weight. Written out, the permuted (M, K) tensor costs one
 write and one read more than its casts need (on sm90: gather 2 bytes moved per input byte, then
 the row cast, the token-group amax and the token-group cast read it). Cast through ``rows``
-(``mxfp8.quantize_rebase_gathered``, sm100's ``quantize_rows_and_token_groups_gathered``), it
+(sm90's ``mxfp8.quantize_rebase_gathered`` and ``quantize_rebase_token_groups_gathered``,
+sm100's ``quantize_rows_and_token_groups_gathered``), it
 is never written::
 
     x = index(src, [rows])                                    ->  Gather(src, rows, None)

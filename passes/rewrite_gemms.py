@@ -75,7 +75,8 @@ When that activation is a token permutation (``passes/gathered_rows.py``: ``src[
 routing weight per row in the backward), its casts read ``src`` through ``rows`` and the
 permuted tensor is never written::
 
-    ra, sa, rxt, sx, po = mxfp8.quantize_rebase_gathered(src, rows, w, offs, mode)             # sm90
+    ra, sa = mxfp8.quantize_rebase_gathered(src, rows, w, mode)                                # sm90
+    rxt, sx, po = mxfp8.quantize_rebase_token_groups_gathered(src, rows, w, offs, mode)
     qa, sa, qxt, sxt, po = mxfp8.quantize_rows_and_token_groups_gathered(src, rows, w, offs, mode)  # sm100
 """
 
@@ -220,8 +221,9 @@ class _Casts:
     casts (the row cast keeps the template that fuses its producer; a fused rebased pair, which
     reads x twice instead of three times, was slower on an H100 or tied, at every width timed:
     benchmarks/RESULTS.md, 2026-12-06). Such an activation that a token permutation produces is
-    cast through it (``gathered``: ``Config.gathered_casts``), one op for both orientations on
-    either target. The emulated target, the reference, casts every operand where its GEMM reads it.
+    cast through it (``gathered``: ``Config.gathered_casts``): on sm90 as the two casts' gathered
+    ops, on sm100 as one. The emulated target, the reference, casts every operand where its GEMM
+    reads it.
     """
 
     def __init__(self, matches: list[GemmMatch], target: str, mode: str, keep_apart: frozenset[fx.Node],
@@ -294,9 +296,12 @@ class _Casts:
         if key not in self.outputs:
             gather = gathered_rows(key[0]) if self.gathered and not key[1] else None
             if gather is not None:  # read through the permutation, which is then never written
-                weights = gather.weights and n.call(aten.squeeze.dim, gather.weights, 1)
-                op = mxfp8.quantize_rebase_gathered if self.rebased else mxfp8.quantize_rows_and_token_groups_gathered
-                both = n.multi(op.default, gather.src, gather.rows, weights, key[2], self.mode)
+                args = (gather.src, gather.rows, gather.weights and n.call(aten.squeeze.dim, gather.weights, 1))
+                if self.rebased:
+                    both = [*n.multi(mxfp8.quantize_rebase_gathered.default, *args, self.mode),
+                            *n.multi(mxfp8.quantize_rebase_token_groups_gathered.default, *args, key[2], self.mode)]
+                else:
+                    both = n.multi(mxfp8.quantize_rows_and_token_groups_gathered.default, *args, key[2], self.mode)
             elif self.rebased:
                 x = n.transposed(key[0]) if key[1] else key[0]
                 both = [*self._rows(n, x), *self._token_groups(n, x, key[2])]

@@ -99,7 +99,7 @@ def test_sm90_rewrite_of_the_moe_layer() -> None:
     # the two that a token permutation produces (x, and the down projection's dy: the combine's
     # gradient gathered, times the routing weight) read its source through the permutation
     assert targets_in_graph["mxfp8.quantize_rebase_token_groups.default"] == 3
-    gathered = [n for n in graphs["joint"].graph.nodes if n.target is torch.ops.mxfp8.quantize_rebase_gathered.default]
+    gathered = [n for n in graphs["joint"].graph.nodes if n.target is torch.ops.mxfp8.quantize_rebase_token_groups_gathered.default]
     assert sorted(n.args[2] is not None for n in gathered) == [False, True]  # dy's has the weights
     # and no other cast reads a permutation
     casts = {torch.ops.mxfp8.quantize_rebase.default, torch.ops.mxfp8.quantize_rebase_token_groups.default}
@@ -172,13 +172,15 @@ def test_shared_activations_are_cast_once_each_way() -> None:
     compiled(x).float().sum().backward()
     nodes = list(graphs["joint"].graph.nodes)
     groups = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_token_groups.default]
-    gathered = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_gathered.default]
+    gathered = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase_token_groups_gathered.default]
     # x and the down projection's dy, read through the token permutation that produces them
     assert [n.args[0].meta["val"].shape[-1] for n in gathered] == [128, 128]
     assert len(groups) == 3
-    for cast in groups:
-        rows = [n for n in nodes if n.target == torch.ops.mxfp8.quantize_rebase.default and n.args[0] is cast.args[0]]
-        assert len(rows) == 1, cast.args[0]
+    for group_casts, row_cast, args in ((groups, torch.ops.mxfp8.quantize_rebase.default, 1),
+                                        (gathered, torch.ops.mxfp8.quantize_rebase_gathered.default, 3)):
+        for cast in group_casts:
+            rows = [n for n in nodes if n.target == row_cast and n.args[:args] == cast.args[:args]]
+            assert len(rows) == 1, cast.args[:args]
 
 
 def _cuda_checked_grouped_mm(real, seen: list[list[int]]):
@@ -236,8 +238,9 @@ def test_gathered_casts_give_the_bits_of_the_permuted_copy() -> None:
         compiled = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False, on_graph=graphs.__setitem__))
         out = compiled(x)
         out.float().sum().backward()
-        gathered_ops = [n for n in graphs["joint"].graph.nodes if n.target == torch.ops.mxfp8.quantize_rebase_gathered.default]
-        assert len(gathered_ops) == (2 if gathered else 0)
+        gathered_ops = [n for n in graphs["joint"].graph.nodes if n.target in (
+            torch.ops.mxfp8.quantize_rebase_gathered.default, torch.ops.mxfp8.quantize_rebase_token_groups_gathered.default)]
+        assert len(gathered_ops) == (4 if gathered else 0)
         results.append([out, *(p.grad for p in model.parameters() if p.grad is not None)])
     assert len(results[0]) > 10
     for a, b in zip(*results, strict=True):

@@ -11,7 +11,7 @@ numerics' convergence check; ``mxfp8_experts`` with only the expert GEMMs conver
 loss gap between attention and experts; ``mxfp8_exact_accum`` without Hopper's fast FP8
 accumulation, which ``Config`` uses by default on sm90; ``mxfp8_square_weights``, the default with
 weights cast in 32x32 tiles) start from the same weights and see the
-same batches in the same order; AdamW with warm-up and cosine decay.
+same batches in the same order; AdamW (fused on CUDA) with warm-up and cosine decay.
 ``--mode reduce-overhead`` compiles every run with CUDA graphs.
 
 Seeds differ by more than the 0.5% to resolve (about 1.5% in held-out loss at 2000 steps; without
@@ -144,7 +144,12 @@ def setup(name: str, seed: int, args: argparse.Namespace,
         compiled = torch.compile(model, mode=args.mode)
     else:  # backend="mxfp8" with this run's Config and Inductor's mode
         compiled = torch.compile(model, backend=mxfp8_compile.backend(RUNS[name], mode=args.mode))
-    return model, compiled, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    # on CUDA the fused AdamW, one kernel a step: the multi-tensor one took 66 ms of an Llama4-width
+    # bf16 step of 210 ms on an H200 (benchmarks/RESULTS.md, session 19), the same in every run,
+    # which hides the GEMMs' difference behind the optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    return model, compiled, optimizer
 
 
 def train_step(model: nn.Module, compiled: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,

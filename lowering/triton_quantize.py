@@ -72,8 +72,9 @@ class RowSource(NamedTuple):
         return x.shape[0] if self.rows is None else self.rows.shape[0]
 
     def args(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        pick = lambda t: x if t is None else t.contiguous()  # noqa: E731  (x: a pointer never read)
-        return pick(self.rows), pick(self.weights), x.shape[0]
+        """The kernel arguments; where a flag is off, x stands in for the pointer it never reads."""
+        rows, weights = (x if t is None else t.contiguous() for t in (self.rows, self.weights))
+        return rows, weights, x.shape[0]
 
     def flags(self) -> dict[str, bool]:
         return {"GATHER": self.rows is not None, "WEIGHTED": self.weights is not None}

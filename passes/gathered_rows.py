@@ -3,16 +3,15 @@
 The activation a routed expert's grouped GEMM reads is a permutation of rows the graph holds
 anyway: in the forward the tokens sorted by expert, ``src[rows]`` (HF's ``hidden[token_idx]``,
 torchtitan's ``x[token_indices // top_k]``); in the backward the combine's gradient gathered the
-same way, times each row's routing weight. Written out, the permuted (M, K) tensor costs one
-write and one read more than its casts need (on sm90: gather 2 bytes moved per input byte, then
-the row cast, the token-group amax and the token-group cast read it). Cast through ``rows``
-(sm90's ``mxfp8.quantize_rebase_gathered`` and ``quantize_rebase_token_groups_gathered``,
-sm100's ``quantize_rows_and_token_groups_gathered``), it
-is never written::
+same way, times each row's routing weight. Written out, the permuted (M, K) copy costs a kernel
+that reads the source and writes the copy (2 bytes moved per input byte) before the casts read
+it. Cast through ``rows`` (sm90's ``mxfp8.quantize_rebase_gathered`` and
+``quantize_rebase_token_groups_gathered``, sm100's ``quantize_rows_and_token_groups_gathered``),
+the casts read the source instead and the copy is never written::
 
     x = index(src, [rows])                                    ->  Gather(src, rows, None)
-    x = mul(expand(index(src, [rows])), w)                    ->  Gather(src, rows, w[:, 0])
-    x = convert(mul(convert(index(src, [rows]), f32), w), src.dtype)
+    x = mul(expand(index(src, [rows])), w)                    ->  Gather(src, rows, w)
+    x = convert(mul(convert(index(src, [rows]), f32), w), src.dtype)   (the same)
     x = gather(src, 0, rows.view(-1, 1).expand(-1, K))       ->  Gather(src, rows, None)
 
 ``w`` is one weight per row, (M, 1); the product, whatever dtype the ``mul`` runs in, is

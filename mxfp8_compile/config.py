@@ -80,7 +80,7 @@ class Config:
         forward's ``x[perm]``, the combine's gradient gathered in the backward) is cast by
         reading its source through the permutation (``passes/gathered_rows.py``), so that the
         permuted bf16 copy is never written. Off: the copy is written and read, as before (for
-        comparison; the casts give the same bits either way).
+        comparison; the GEMMs give the same bits either way).
     sm100_ragged_groups: on sm100, hand torch's MX grouped GEMM the forward's and dgrad's token
         groups as they are (any sizes) instead of padded to multiples of 32 rows. Off by default:
         every MX 2d-3d run upstream (torch's tests, torchao) pads to 32, and ragged groups are

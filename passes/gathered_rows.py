@@ -13,6 +13,8 @@ the casts read the source instead and the copy is never written::
     x = mul(expand(index(src, [rows])), w)                    ->  Gather(src, rows, w)
     x = convert(mul(convert(index(src, [rows]), f32), w), src.dtype)   (the same)
     x = gather(src, 0, rows.view(-1, 1).expand(-1, K))       ->  Gather(src, rows, None)
+    x = index_put(zeros, [inverse], src)    (inverse[order] = arange, order a sort's indices)
+                                                              ->  Gather(src, order, None)
 
 ``w`` is one weight per row, (M, 1); the product, whatever dtype the ``mul`` runs in, is
 rounded once to ``src``'s dtype, which is ``numerics.gather_rows``'s contract. Anything else
@@ -22,6 +24,7 @@ an operand in bf16) is not a gather the casts can read through, and stays as it 
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -31,6 +34,8 @@ from mxfp8_compile.numerics import HIGH_PRECISION_DTYPES
 
 aten = torch.ops.aten
 _CONVERT = torch.ops.prims.convert_element_type.default
+_IOTA = torch.ops.prims.iota.default
+_SORTS = (aten.sort.default, aten.sort.stable)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -93,9 +98,53 @@ def _column_of(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _is_call(node: object, *targets: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _sort_order(node: fx.Node) -> bool:
+    """Whether ``node`` is the indices of a 1D sort: a permutation of ``range(len)``."""
+    if not _is_call(node, operator.getitem) or node.args[1] != 1 or not _is_call(node.args[0], *_SORTS):
+        return False
+    keys = _val(node.args[0].args[0])
+    return keys is not None and keys.dim() == 1
+
+
+def _counting(node: object, n: int) -> bool:
+    """Whether ``node`` is ``0, 1, ..., n - 1``."""
+    if _is_call(node, _IOTA):
+        return node.args[0] == n and node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
+    if _is_call(node, aten.arange.default):
+        return node.args[0] == n
+    return _is_call(node, aten.arange.start) and node.args[0] == 0 and node.args[1] == n
+
+
+def _inverted(node: object) -> fx.Node | None:
+    """``order`` where ``node`` is its inverse permutation, ``inverse[order] = arange(M)`` (HF's
+    unsort index), ``order`` a sort's indices."""
+    if not _is_call(node, aten.index_put.default) or len(node.args[1]) != 1 or _accumulates(node):
+        return None
+    order = node.args[1][0]
+    if not _sort_order(order) or not _same_shape(node, order):
+        return None
+    return order if _counting(node.args[2], _val(order).shape[0]) else None
+
+
+def _accumulates(node: fx.Node) -> bool:
+    return bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False))
+
+
+def _zeros(node: object, like: fx.Node) -> bool:
+    """Whether ``node`` is zeros of ``like``'s shape."""
+    if _is_call(node, aten.full.default):
+        return node.args[1] == 0 and _same_shape(node, like)
+    return _is_call(node, aten.zeros.default, aten.new_zeros.default) and _same_shape(node, like)
+
+
 def _index(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(src, rows)`` of ``src[rows]`` along dim 0 (``index``, ``index_select``, or ``gather``
-    of whole rows: torchtitan's scatter_add backward), src 2D high precision and rows 1D
+    """``(src, rows)`` of ``src[rows]`` along dim 0 (``index``, ``index_select``, ``gather`` of
+    whole rows: torchtitan's scatter_add backward, or rows scattered by the inverse of a sort's
+    permutation into zeros: HF's unsort backward), src 2D high precision and rows 1D
     int32/int64."""
     if node.op != "call_function":
         return None
@@ -105,6 +154,11 @@ def _index(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         src, rows = node.args[0], node.args[2]
     elif node.target is aten.gather.default and node.args[1] in (0, -2) and _same_width(node, node.args[0]):
         src, rows = node.args[0], _column_of(node.args[2])
+    elif (node.target is aten.index_put.default and len(node.args[1]) == 1 and _zeros(node.args[0], node)
+          and _same_shape(node.args[2], node)):
+        # out[inverse[i]] = src[i] with inverse = order's inverse is out[k] = src[order[k]]: each
+        # row written once (with accumulate, as 0 + x, which gives +0.0 where the gather gives -0.0)
+        src, rows = node.args[2], _inverted(node.args[1][0])
     else:
         return None
     src_val, rows_val = _val(src), _val(rows) if isinstance(rows, fx.Node) else None

@@ -3,6 +3,7 @@ they are checked against (numerics.gather_rows)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import pytest
@@ -46,6 +47,38 @@ def test_the_permutations_the_casts_read_through(fn, weighted: bool, w_dtype: to
     assert (gather.weights is not None) == weighted
     if weighted:  # the weight node itself or its cast to fp32, one value per row
         assert gather.weights.meta["val"].shape == (M, 1)
+
+
+def _unsort(src: torch.Tensor, keys: torch.Tensor, start: int = 0, accumulate: bool = True,
+            order: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's unsort backward: ``src``'s rows scattered into zeros by the inverse of ``keys``' sort."""
+    order = torch.sort(keys).indices if order is None else order
+    inverse = torch.empty(M, dtype=torch.int64).index_put((order,), torch.arange(start, start + M))
+    return torch.zeros(M, K, dtype=src.dtype).index_put((inverse,), src, accumulate=accumulate)
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_rows_scattered_by_an_inverse_permutation_are_gathered_by_it(accumulate: bool) -> None:
+    # HF 5.x's combine unsorts with the inverse of the sort's permutation; its backward scatters
+    # the gradient by that inverse, which gathers it by the sort's order
+    src, keys = torch.randn(M, K, dtype=BF16), torch.randn(M)
+    out, (src_node, _) = _output(lambda s, k: _unsort(s, k, accumulate=accumulate) * 2, src, keys)
+    gather = gathered_rows(out.args[0])
+    assert gather is not None and gather.src is src_node and gather.weights is None
+    order = gather.rows
+    assert order.target is operator.getitem and order.args[0].target in (torch.ops.aten.sort.default, torch.ops.aten.sort.stable)
+    assert torch.equal(_unsort(src, keys, accumulate=accumulate), numerics.gather_rows(src, torch.sort(keys).indices))
+
+
+@pytest.mark.parametrize("fn, why", [
+    (lambda s, k: _unsort(s, k, start=1), "not the inverse: the counting starts at 1"),
+    (lambda s, k: _unsort(s, k, order=k.argsort()[torch.arange(M) % (M // 2)]), "an order that is not a permutation"),
+    (lambda s, k: torch.ones(M, K, dtype=s.dtype).index_put((torch.sort(k).indices,), s, accumulate=True),
+     "a scatter into ones"),
+])
+def test_scatters_that_are_not_gathers(fn, why: str) -> None:
+    out, _ = _output(fn, torch.randn(M, K, dtype=BF16), torch.randn(M))
+    assert gathered_rows(out) is None, why
 
 
 @pytest.mark.parametrize("fn, src_dtype, w_dtype, why", [

@@ -296,6 +296,7 @@ def test_dump_cli_carries_the_wire_format(wire_format: str, tmp_path: Path, caps
 # --------------------------------------------------------------------------------------------
 
 POLICIES = ("dequant", "requant", "bf16_a2a")
+TORCHTITAN_POLICIES = ("dequant", "bf16_a2a")
 ROUTED = Config(include_fqns=("routed_experts",))  # torchtitan's routed experts, as torchao converts them
 
 
@@ -305,8 +306,10 @@ def _all_cases(rank: int, world: int) -> dict[str, Any]:
         "linear": ep_block_case(rank, world, "linear", {
             **policies(Config(), POLICIES), "all_payloads": Config(a2a_payloads="all")}),
         "swiglu": ep_block_case(rank, world, "swiglu", policies(Config(), ("dequant", "bf16_a2a"))),
+        # torchtitan under the default policy and with the all-to-alls left in bf16 ("requant" is the
+        # linear case's: CI's time)
         "torchtitan": torchtitan_case(rank, world, {
-            **policies(ROUTED, POLICIES), "all_payloads": dataclasses.replace(ROUTED, a2a_payloads="all")}),
+            **policies(ROUTED, TORCHTITAN_POLICIES), "all_payloads": dataclasses.replace(ROUTED, a2a_payloads="all")}),
     }
 
 
@@ -353,11 +356,11 @@ def test_torchtitan_deepseek_v3_expert_parallel(two_ranks: list[dict[str, Any]])
     # expert parallelism (test_real_clients.py: 22.6 dB). Asserted: output >= 28, weights >= 21,
     # "dequant" no worse than the all-to-alls left in bf16, equal losses on both ranks.
     results = [r["torchtitan"] for r in two_ranks]
-    for policy in ("bf16", *POLICIES, "all_payloads"):
+    for policy in ("bf16", *TORCHTITAN_POLICIES, "all_payloads"):
         losses = [r[policy]["loss"] for r in results]
         assert losses[0] == losses[1], (policy, losses)  # the same tokens on both ranks
     for result in results:
-        for policy in POLICIES:
+        for policy in TORCHTITAN_POLICIES:
             r = result[policy]
             assert r["output"] >= 28, (policy, r["output"])
             assert min(r["weights"].values()) >= 21, (policy, r["weights"])
@@ -393,7 +396,7 @@ def test_token_rows_into_gemms_cross_as_uint8(two_ranks: list[dict[str, Any]], c
     for result in two_ranks:
         bf16 = _token_a2as(result[case]["bf16"]["graphs"])
         assert {dtype for _, dtype, _, _ in bf16} == {"bfloat16"}
-        for policy in ("dequant", "requant") if case != "swiglu" else ("dequant",):
+        for policy in ("dequant", "requant") if case == "linear" else ("dequant",):
             r = result[case][policy]
             mx = _token_a2as(r["graphs"])
             for kind in ("forward", "backward"):

@@ -225,22 +225,36 @@ def test_a_grouped_wgrad_kept_in_bf16_gets_operands_cuda_accepts(monkeypatch: py
     assert seen and any(s % 8 for sizes in seen for s in sizes)  # unaligned groups reached the kept wgrads
 
 
+def _example_moe() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    return build(MoEConfig(layers=1, dim=128, heads=4, expert_hidden=64, experts=4, shared_hidden=0))
+
+
+def _hf_qwen3_moe() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    from mxfp8_compile.examples.clients import hf_example
+
+    return hf_example("qwen3_moe")
+
+
 @pytest.mark.usefixtures("pretend_sm90")
-def test_gathered_casts_give_the_bits_of_the_permuted_copy() -> None:
+@pytest.mark.parametrize("example, gathered_ops", [(_example_moe, 4), (_hf_qwen3_moe, 8)])
+def test_gathered_casts_give_the_bits_of_the_permuted_copy(example, gathered_ops: int) -> None:
     # x and the down projection's dy cast through the token permutation, or written out and
-    # cast (Config.gathered_casts=False): the same output and gradients, bit for bit
-    model, (x,) = build(MoEConfig(layers=1, dim=128, heads=4, expert_hidden=64, experts=4, shared_hidden=0))
+    # cast (Config.gathered_casts=False): the same output and gradients, bit for bit. HF's dy
+    # is its unsort's backward, a scatter by the inverse permutation (4 casts in each of 2 layers)
+    torch.manual_seed(0)
+    model, (x,) = example()
     results = []
     for gathered in (True, False):
         graphs: dict[str, torch.fx.GraphModule] = {}
         config = dataclasses.replace(SM90_EVERY_GEMM, gathered_casts=gathered)
         model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
         compiled = torch.compile(model, backend=mxfp8_compile.backend(config, inductor=False, on_graph=graphs.__setitem__))
         out = compiled(x)
         out.float().sum().backward()
-        gathered_ops = [n for n in graphs["joint"].graph.nodes if n.target in (
+        casts = [n for n in graphs["joint"].graph.nodes if n.target in (
             torch.ops.mxfp8.quantize_rebase_gathered.default, torch.ops.mxfp8.quantize_rebase_token_groups_gathered.default)]
-        assert len(gathered_ops) == (4 if gathered else 0)
+        assert len(casts) == (gathered_ops if gathered else 0)
         results.append([out, *(p.grad for p in model.parameters() if p.grad is not None)])
     assert len(results[0]) > 10
     for a, b in zip(*results, strict=True):

@@ -94,7 +94,7 @@ from mxfp8_compile import numerics
 from mxfp8_compile.config import Config
 from mxfp8_compile.passes._graph import insert_call, insert_multi, insert_traced
 from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
-from mxfp8_compile.passes.gathered_rows import gathered_rows
+from mxfp8_compile.passes.gathered_rows import Gather, gathered_rows
 from mxfp8_compile.passes.report import Layout, Role
 
 mxfp8 = torch.ops.mxfp8
@@ -295,21 +295,23 @@ class _Casts:
     def _shared(self, n: _Nodes, key: CastKey) -> list[fx.Node]:
         if key not in self.outputs:
             gather = gathered_rows(key[0]) if self.gathered and not key[1] else None
-            if gather is not None:  # read through the permutation, which is then never written
-                args = (gather.src, gather.rows, gather.weights and n.call(aten.squeeze.dim, gather.weights, 1))
-                if self.rebased:
-                    both = [*n.multi(mxfp8.quantize_rebase_gathered.default, *args, self.mode),
-                            *n.multi(mxfp8.quantize_rebase_token_groups_gathered.default, *args, key[2], self.mode)]
-                else:
-                    both = n.multi(mxfp8.quantize_rows_and_token_groups_gathered.default, *args, key[2], self.mode)
-            elif self.rebased:
-                x = n.transposed(key[0]) if key[1] else key[0]
-                both = [*self._rows(n, x), *self._token_groups(n, x, key[2])]
+            if gather is not None:
+                self.outputs[key] = self._gathered(n, gather, key[2])
             else:
                 x = n.transposed(key[0]) if key[1] else key[0]
-                both = n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode)
-            self.outputs[key] = both
+                self.outputs[key] = ([*self._rows(n, x), *self._token_groups(n, x, key[2])] if self.rebased
+                                     else n.multi(mxfp8.quantize_rows_and_token_groups.default, x, key[2], self.mode))
         return self.outputs[key]
+
+    def _gathered(self, n: _Nodes, gather: Gather, offs: fx.Node) -> list[fx.Node]:
+        """``_shared``'s casts of a token permutation, read through it, so that the permuted
+        tensor is never written: on sm90 as the two casts, on sm100 as one op."""
+        weights = None if gather.weights is None else n.call(aten.squeeze.dim, gather.weights, 1)
+        args = (gather.src, gather.rows, weights)
+        if self.rebased:
+            return [*n.multi(mxfp8.quantize_rebase_gathered.default, *args, self.mode),
+                    *n.multi(mxfp8.quantize_rebase_token_groups_gathered.default, *args, offs, self.mode)]
+        return n.multi(mxfp8.quantize_rows_and_token_groups_gathered.default, *args, offs, self.mode)
 
 
 def _square_source(node: fx.Node, transposed: bool) -> tuple[fx.Node, bool] | None:

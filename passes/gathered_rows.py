@@ -52,6 +52,10 @@ def _val(node: object) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def _is_call(node: object, *targets: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
 def _same_shape(node: fx.Node, like: fx.Node) -> bool:
     return _val(node) is not None and _val(like) is not None and _val(node).shape == _val(like).shape
 
@@ -63,11 +67,9 @@ def _same_width(node: fx.Node, like: fx.Node) -> bool:
 def _converted_to(node: fx.Node) -> torch.dtype | None:
     """The dtype ``node`` casts its input to, if a dtype cast is all it does (``prims`` after
     decomposition, ``aten._to_copy`` before)."""
-    if node.op != "call_function":
-        return None
-    if node.target is _CONVERT:
+    if _is_call(node, _CONVERT):
         return node.args[1]
-    if node.target is aten._to_copy.default and set(node.kwargs) == {"dtype"} and len(node.args) == 1:
+    if _is_call(node, aten._to_copy.default) and set(node.kwargs) == {"dtype"} and len(node.args) == 1:
         return node.kwargs["dtype"]
     return None
 
@@ -75,31 +77,22 @@ def _converted_to(node: fx.Node) -> torch.dtype | None:
 def _peel(node: fx.Node) -> fx.Node:
     """``node`` through what changes neither its rows nor their values: an ``expand`` to its own
     shape, a cast to fp32 (exact from bf16, fp16 and fp32)."""
-    while node.op == "call_function":
-        if node.target is aten.expand.default and _same_shape(node, node.args[0]):
-            node = node.args[0]
-        elif _converted_to(node) == torch.float32:
-            node = node.args[0]
-        else:
-            break
+    while (_is_call(node, aten.expand.default) and _same_shape(node, node.args[0])
+           or _converted_to(node) == torch.float32):
+        node = node.args[0]
     return node
 
 
 def _column_of(node: fx.Node) -> fx.Node | None:
     """``rows`` where ``node`` is ``rows`` (1D) as a column, expanded across the features
     (``gather``'s index for whole rows: ``rows.view(-1, 1).expand(-1, K)``)."""
-    if node.op != "call_function" or node.target is not aten.expand.default:
+    if not _is_call(node, aten.expand.default):
         return None
     column = node.args[0]
-    if column.op != "call_function" or _val(column) is None or _val(column).dim() != 2 or _val(column).shape[1] != 1:
+    if not _is_call(column, aten.view.default, aten.reshape.default, aten.unsqueeze.default):
         return None
-    if column.target in (aten.view.default, aten.reshape.default, aten.unsqueeze.default):
-        return column.args[0]
-    return None
-
-
-def _is_call(node: object, *targets: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+    shape = _val(column).shape if _val(column) is not None else ()
+    return column.args[0] if len(shape) == 2 and shape[1] == 1 else None
 
 
 def _sort_order(node: fx.Node) -> bool:
@@ -136,9 +129,9 @@ def _accumulates(node: fx.Node) -> bool:
 
 def _zeros(node: object, like: fx.Node) -> bool:
     """Whether ``node`` is zeros of ``like``'s shape."""
-    if _is_call(node, aten.full.default):
-        return node.args[1] == 0 and _same_shape(node, like)
-    return _is_call(node, aten.zeros.default, aten.new_zeros.default) and _same_shape(node, like)
+    zeros = _is_call(node, aten.zeros.default, aten.new_zeros.default) or (
+        _is_call(node, aten.full.default) and node.args[1] == 0)
+    return zeros and _same_shape(node, like)
 
 
 def _index(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -146,15 +139,13 @@ def _index(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     whole rows: torchtitan's scatter_add backward, or rows scattered by the inverse of a sort's
     permutation into zeros: HF's unsort backward), src 2D high precision and rows 1D
     int32/int64."""
-    if node.op != "call_function":
-        return None
-    if node.target is aten.index.Tensor and len(node.args[1]) == 1:
+    if _is_call(node, aten.index.Tensor) and len(node.args[1]) == 1:
         src, rows = node.args[0], node.args[1][0]
-    elif node.target is aten.index_select.default and node.args[1] in (0, -2):
+    elif _is_call(node, aten.index_select.default) and node.args[1] in (0, -2):
         src, rows = node.args[0], node.args[2]
-    elif node.target is aten.gather.default and node.args[1] in (0, -2) and _same_width(node, node.args[0]):
+    elif _is_call(node, aten.gather.default) and node.args[1] in (0, -2) and _same_width(node, node.args[0]):
         src, rows = node.args[0], _column_of(node.args[2])
-    elif (node.target is aten.index_put.default and len(node.args[1]) == 1 and _zeros(node.args[0], node)
+    elif (_is_call(node, aten.index_put.default) and len(node.args[1]) == 1 and _zeros(node.args[0], node)
           and _same_shape(node.args[2], node)):
         # out[inverse[i]] = src[i] with inverse = order's inverse is out[k] = src[order[k]]: each
         # row written once (with accumulate, as 0 + x, which gives +0.0 where the gather gives -0.0)
@@ -187,8 +178,7 @@ def gathered_rows(node: fx.Node) -> Gather | None:
     index = _index(node)
     if index is not None:
         return Gather(*index, None) if _val(index[0]).dtype == want.dtype else None
-    if node.op != "call_function" or node.target is not aten.mul.Tensor or not all(
-            isinstance(a, fx.Node) for a in node.args):
+    if not _is_call(node, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     for gathered, weights in (node.args, node.args[::-1]):
         index = _index(_peel(gathered))

@@ -24,6 +24,7 @@ CUDA graph pools freed, so no run's peak memory holds an earlier run's.
     python benchmarks/train_moe.py --steps 2000 --out train_out      # on a GPU
     python benchmarks/train_moe.py --seeds 1 2 3 --out train_out     # three seeds a run
     python benchmarks/train_moe.py --preset tiny --steps 20 --out d  # a CPU dry run
+    python benchmarks/train_moe.py --preset llama4_width --memory   # each run's peak memory by phase of a step
 
 Writes ``<out>/log.csv`` (every step of every run, rewritten as each run ends), ``<out>/loss.png``
 (``plot_training.loss_figure``: training and held-out loss of every run; needs matplotlib, ``pip install -e
@@ -42,7 +43,9 @@ import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,13 +155,21 @@ def setup(name: str, seed: int, args: argparse.Namespace,
     return model, compiled, optimizer
 
 
-def train_step(model: nn.Module, compiled: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(compiled(x).float().flatten(0, 1), y.flatten())
-    loss.backward()
+def forward_loss(compiled: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(compiled(x).float().flatten(0, 1), y.flatten())
+
+
+def update(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def train_step(model: nn.Module, compiled: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> torch.Tensor:
+    loss = forward_loss(compiled, x, y)
+    loss.backward()
+    update(model, opt)
     return loss
 
 
@@ -187,6 +198,35 @@ def profile(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch
     print("  CPU ops by self time:")
     for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]:
         print(f"  {e.self_cpu_time_total / steps / 1000:7.2f} ms  {e.count // steps:5d} calls  {e.key[:70]}")
+
+
+def memory_by_phase(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor],
+                    device: torch.device) -> None:
+    """Print where a training step's peak memory is reached (CUDA only): after warm-up steps (the
+    compilation, AdamW's moments), one step phase by phase, each phase's peak allocation."""
+    preset = PRESETS[args.preset]
+    seed = args.seeds[0]
+    model, compiled, opt = setup(name, seed, args, device)
+    data = batches(text[0], preset["batch"], preset["seq"], seed=seed)
+    for _ in range(3):
+        train_step(model, compiled, opt, *(t.to(device) for t in next(data))).item()
+    x, y = (t.to(device) for t in next(data))
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    peaks = {}
+
+    def phase(label: str, fn: Callable[[], Any]) -> Any:
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peaks[label] = torch.cuda.max_memory_allocated(device)
+        return result
+
+    loss = phase("forward and loss", lambda: forward_loss(compiled, x, y))
+    phase("backward", loss.backward)
+    phase("clip and AdamW", lambda: update(model, opt))
+    each = ", ".join(f"{label} {peak / 2**30:.2f}" for label, peak in peaks.items())
+    print(f"{name}: allocated at the step's start {start / 2**30:.2f} GiB; peak by phase (GiB): {each}")
 
 
 def train(name: str, seed: int, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor],
@@ -306,6 +346,8 @@ def main() -> None:
                         help="Inductor's mode for both runs (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of training, profile a few steps of each run and print the top N kernels")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of training, print each run's peak memory by phase of one step (CUDA only)")
     args = parser.parse_args()
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lr"]
@@ -314,9 +356,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = load_text(args.max_bytes)
     print(f"stdlib text: {len(text[0]):,} train bytes, {len(text[1]):,} held out; device {device}", file=sys.stderr)
-    if args.profile:
+    if args.memory and device.type != "cuda":
+        parser.error("--memory reads CUDA's allocator statistics: run it on a GPU")
+    if args.profile or args.memory:
         for name in args.runs:
-            profile(name, args, text, device)
+            (profile if args.profile else memory_by_phase)(name, args, text, device)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

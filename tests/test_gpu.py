@@ -112,6 +112,52 @@ def test_moe_model_with_inductor_on_sm90(weight_blocks: str) -> None:
     assert sqnr(ref, out) >= 23 and sqnr(x2.grad, x1.grad) >= 29 and worst[0] >= 21, worst
 
 
+GATHERED_OPS = ("mxfp8::quantize_rebase_gathered", "mxfp8::quantize_rebase_token_groups_gathered")
+
+
+@pytest.mark.usefixtures("no_compile_caches")  # a cache hit would not show the ops it calls
+def test_hf_unsort_backward_is_cast_through_the_permutation_on_sm90() -> None:
+    # HF 5.x's experts: x[perm] in the forward, and in the backward the unsort's index_put by
+    # the inverse permutation, both cast through the permutation (4 casts in each of 2 layers).
+    # CPU: test_sm90.py compares the bits with the permuted copy under AOTAutograd. Through
+    # Inductor the two graphs fuse the kernels around the removed copy differently, and any
+    # bf16 rounding that moves before an MX cast moves its e4m3 bytes (CPU, emulated: the two
+    # differ at 26-29 dB, as Inductor and AOTAutograd do). So here: the gathered ops run, and
+    # each tensor is as close to bf16 with them as with the copy (CPU: the same to 0.1 dB).
+    pytest.importorskip("transformers")
+    from mxfp8_compile.examples.clients import hf_example
+
+    torch.manual_seed(0)
+    model, (x,) = hf_example("qwen3_moe", tokens=256)
+    model, x = model.cuda(), x.cuda()
+
+    def step(compiled: torch.nn.Module, module: torch.nn.Module) -> list[torch.Tensor]:
+        module.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = compiled(xg)
+        out.float().pow(2).mean().backward()
+        return [out, xg.grad, *(p.grad for p in module.parameters() if p.grad is not None)]
+
+    reference = copy.deepcopy(model)
+    bf16 = step(torch.compile(reference), reference)
+    calls, closeness = [], []
+    for gathered in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="mxfp8", options={**EVERY_GEMM, "gathered_casts": gathered})
+        step(compiled, model)  # compiles the forward and the backward
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = step(compiled, model)
+            torch.cuda.synchronize()
+        calls.append(sum(e.name in GATHERED_OPS for e in prof.events()))
+        closeness.append([sqnr(a.float(), b.float()) for a, b in zip(bf16, result, strict=True)])
+    on, off = closeness
+    print(f"HF qwen3_moe against bf16, gathered casts / permuted copy: output {on[0]:.1f} / {off[0]:.1f} dB, "
+          f"input grad {on[1]:.1f} / {off[1]:.1f} dB, worst {min(on):.1f} / {min(off):.1f} dB")
+    assert calls == [8, 0]
+    assert len(on) > 10 and on[0] >= 20 and on[1] >= 18
+    assert all(abs(a - b) <= 1.0 for a, b in zip(on, off)), (on, off)
+
+
 def test_quantize_rebase_kernel_is_bit_exact() -> None:
     from kernel_cases import mismatches
 

@@ -11,6 +11,12 @@ are computed again (the casts it shared now fall on fewer GEMMs), until every co
 predicted faster than bf16. Kept GEMMs say ``NOT_FASTER`` with their predicted ratio; converted
 ones carry theirs in the decision's note.
 
+An activation that a token permutation produces (``passes/gathered_rows.py``) and that only
+GEMMs read is cast through the permutation (``Config.gathered_casts``) once every one of those
+GEMMs converts; the permuted copy, which any of them kept in bf16 would make the graph write, is
+then never written. Its time (a read and a write of the copy, timed as a row cast of those
+bytes) is counted as a saving, split among the GEMMs that read it, while all of them convert.
+
 Shapes come from the graph; a symbolic size is read at its hint (the sizes it was traced at) or,
 for a data-dependent size, at Inductor's ``unbacked_symint_fallback``. Grouped GEMMs are predicted
 with equal groups (routing is unknown at compile time). Not modelled: what Inductor fuses into a
@@ -30,27 +36,32 @@ import torch.fx as fx
 from mxfp8_compile.config import Config
 from mxfp8_compile.lowering.costs import TargetCosts, cast_bytes, target_costs
 from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
+from mxfp8_compile.passes.gathered_rows import gathered_rows
 from mxfp8_compile.passes.report import Convert, Layout, Role, Skip, SkipReason
-from mxfp8_compile.passes.rewrite_gemms import cast_key
+from mxfp8_compile.passes.rewrite_gemms import (CastKey, cast_key, row_cast_key, shared_cast_keys, swaps_last_two,
+                                                token_cast_keys)
 
 SCALE_OPERANDS = 2  # each converted GEMM decodes the scales of both operands
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """One GEMM's predicted times in ms: bf16, its FP8 GEMM, and its share of the casts."""
+    """One GEMM's predicted times in ms: bf16, its FP8 GEMM, its share of the casts, and its
+    share of the permuted copies that converting it with the other readers spares."""
 
     bf16: float
     fp8: float
     casts: float
+    spared: float = 0.0
 
     @property
     def speedup(self) -> float:
-        return self.bf16 / (self.fp8 + self.casts)
+        return self.bf16 / (self.fp8 + self.casts - self.spared)
 
     def describe(self) -> str:
+        spared = f" - permuted copy spared {self.spared:.3f} ms" if self.spared else ""
         return (f"predicted {self.speedup:.2f}x: bf16 {self.bf16:.3f} ms, FP8 {self.fp8:.3f} ms + casts "
-                f"{self.casts:.3f} ms")
+                f"{self.casts:.3f} ms{spared}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +69,15 @@ class _Cast:
     """A cast a GEMM needs: ``identity`` is equal for one cast read by several GEMMs."""
 
     identity: object
+    ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Permutation:
+    """A token permutation the casts read through once all of ``readers`` (match indices)
+    convert, sparing the copy of ``ms``."""
+
+    readers: frozenset[int]
     ms: float
 
 
@@ -70,9 +90,10 @@ def apply_cost_policy(matches: list[GemmMatch], config: Config, target: str) -> 
         return matches
     plans = {i: (_gemm_times(m, config, costs), _casts(m, costs))
              for i, m in enumerate(matches) if m.decision}
+    permutations = _permutations(matches, costs) if config.gathered_casts else []
     converted, decisions = set(plans), {}
     while converted:
-        predictions = _predict(plans, converted)
+        predictions = _predict(plans, converted, permutations)
         slowest = min(sorted(converted), key=lambda i: predictions[i].speedup)
         if predictions[slowest].speedup > 1.0:
             break
@@ -84,10 +105,43 @@ def apply_cost_policy(matches: list[GemmMatch], config: Config, target: str) -> 
     return [dataclasses.replace(m, decision=decisions[i]) if i in decisions else m for i, m in enumerate(matches)]
 
 
-def _predict(plans: dict[int, tuple[tuple[float, float], list[_Cast]]], converted: set[int]) -> dict[int, Prediction]:
+def _predict(plans: dict[int, tuple[tuple[float, float], list[_Cast]]], converted: set[int],
+             permutations: list[_Permutation] = ()) -> dict[int, Prediction]:
     readers = collections.Counter(c.identity for i in converted for c in plans[i][1])
-    return {i: Prediction(bf16, fp8, sum(c.ms / readers[c.identity] for c in casts))
+    spared: dict[int, float] = collections.defaultdict(float)
+    for p in permutations:
+        if p.readers <= converted:
+            for i in p.readers:
+                spared[i] += p.ms / len(p.readers)
+    return {i: Prediction(bf16, fp8, sum(c.ms / readers[c.identity] for c in casts), spared[i])
             for i in converted for (bf16, fp8), casts in [plans[i]]}
+
+
+def _permutations(matches: list[GemmMatch], costs: TargetCosts) -> list[_Permutation]:
+    """The token permutations that the rewrite casts through when every GEMM of ``matches``
+    that reads them converts (``rewrite_gemms._Casts``), with the time of the copy each spares."""
+    candidates = [i for i, m in enumerate(matches) if m.decision]
+    readers: dict[CastKey, set[int]] = collections.defaultdict(set)
+    for i in candidates:
+        for key in (row_cast_key(matches[i]), *token_cast_keys(matches[i])):
+            if key is not None:
+                readers[key].add(i)
+    found = []
+    for key in shared_cast_keys([matches[i] for i in candidates]):
+        node, transposed, _ = key
+        gemms = {matches[i].node for i in readers[key]}
+        if transposed or gathered_rows(node) is None or not _read_only_by(node, gemms):
+            continue
+        rows, width = _cast_shape(node, False)
+        copy_ms = costs.cast_ms("rows", 2 * rows * width * _itemsize(node), width)  # read and write
+        found.append(_Permutation(frozenset(readers[key]), copy_ms))
+    return found
+
+
+def _read_only_by(node: fx.Node, gemms: set[fx.Node]) -> bool:
+    """Whether every reader of ``node``, through transposes, is one of ``gemms``."""
+    return all(user in gemms or (user.op == "call_function" and swaps_last_two(user) and _read_only_by(user, gemms))
+               for user in node.users)
 
 
 def _hint(size: int | torch.SymInt) -> int:

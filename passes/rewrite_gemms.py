@@ -192,10 +192,32 @@ def cast_key(node: fx.Node, transposed: bool, offs: fx.Node | None) -> CastKey:
     return *_through_transposes(node, transposed, only_2d=True), offs
 
 
+def row_cast_key(m: GemmMatch) -> CastKey | None:
+    """The key of the A operand that grouped 2Dx3D GEMM ``m`` casts along K (None for other
+    GEMMs, and where A is padded first: the padded copy is what is cast)."""
+    if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction:
+        return cast_key(m.a.node, m.a.transposed, m.offs)
+    return None
+
+
+def token_cast_keys(m: GemmMatch) -> tuple[CastKey, ...]:
+    """The keys of both operands that 2Dx2D wgrad ``m`` casts along tokens (none for others)."""
+    if m.site.layout is not Layout.GROUPED_2D2D:
+        return ()
+    return cast_key(m.a.node, not m.a.transposed, m.offs), cast_key(m.b.node, m.b.transposed, m.offs)
+
+
+def shared_cast_keys(converted: list[GemmMatch]) -> set[CastKey]:
+    """The activations that sm90 and sm100 cast once for all the GEMMs in ``converted`` that
+    read them: cast along K for a grouped GEMM and along tokens for a wgrad (``_Casts``)."""
+    rows = {key for m in converted if (key := row_cast_key(m)) is not None}
+    return rows & {key for m in converted for key in token_cast_keys(m)}
+
+
 def _through_transposes(node: fx.Node, transposed: bool, only_2d: bool = False) -> tuple[fx.Node, bool]:
     """``(source, transposed)``: ``node`` (or its transpose) as the node it transposes the last
     two dims of, through any number of such transposes (of 2D nodes alone if ``only_2d``)."""
-    while node.op == "call_function" and (not only_2d or node.meta["val"].dim() == 2) and _swaps_last_two(node):
+    while node.op == "call_function" and (not only_2d or node.meta["val"].dim() == 2) and swaps_last_two(node):
         node, transposed = node.args[0], not transposed
     return node, transposed
 
@@ -233,11 +255,7 @@ class _Casts:
         self.squares: dict[fx.Node, list[fx.Node]] = {}  # emulated: a weight's (data, tile scales)
         self.tiles: dict[fx.Node, fx.Node] = {}  # sm90: a weight's tile scales
         converted = [m for m in matches if m.decision] if target in ("sm90", "sm100") else []
-        rows = {cast_key(m.a.node, m.a.transposed, m.offs) for m in converted
-                if m.site.layout is Layout.GROUPED_2D3D and not m.pads_contraction}  # (a padded copy is cast)
-        tokens = {cast_key(*key, m.offs) for m in converted if m.site.layout is Layout.GROUPED_2D2D
-                  for key in ((m.a.node, not m.a.transposed), (m.b.node, m.b.transposed))}
-        self.shared = {key for key in rows & tokens if key[0] not in keep_apart}
+        self.shared = {key for key in shared_cast_keys(converted) if key[0] not in keep_apart}
         self.outputs: dict[CastKey, list[fx.Node]] = {}
 
     def rows(self, n: _Nodes, node: fx.Node, transposed: bool, offs: fx.Node | None) -> list[fx.Node]:
@@ -327,7 +345,7 @@ def _square_source(node: fx.Node, transposed: bool) -> tuple[fx.Node, bool] | No
     return node, transposed
 
 
-def _swaps_last_two(node: fx.Node) -> bool:
+def swaps_last_two(node: fx.Node) -> bool:
     """Whether ``node`` is a transpose of its input's last two dims (and moves nothing else)."""
     rank = node.meta["val"].dim()
     if node.target is aten.t.default:

@@ -19,7 +19,9 @@ from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 from mxfp8_compile.lowering import costs, targets
 from mxfp8_compile.passes import cost_policy
 from mxfp8_compile.passes.find_gemms import apply_target_rules, find_gemms
+from mxfp8_compile.passes.gathered_rows import gathered_rows
 from mxfp8_compile.passes.report import SkipReason
+from mxfp8_compile.passes.rewrite_gemms import shared_cast_keys
 
 BF16 = torch.bfloat16
 # dense GEMMs lose in FP8 (a slower GEMM), grouped ones win (twice as fast, casts at 8 TB/s)
@@ -183,6 +185,26 @@ def test_a_permutation_cast_through_spares_its_copy_while_all_its_readers_conver
     assert x_perm.ms > 0 and "permuted copy spared" in every[min(plans)].describe()
     # one reader kept in bf16 reads the copy, so it is written: no reader is spared it
     assert all(p.spared == 0 for p in cost_policy._predict(plans, set(sorted(plans)[1:]), permutations).values())
+
+
+@pytest.mark.usefixtures("sm90")
+def test_a_permutation_that_something_else_reads_spares_nothing() -> None:
+    # HF GPT-OSS: each layer's permuted dy is cast through its permutation, but an index_put
+    # outside the GEMMs reads it too, so the copy is written whatever the GEMMs do; only x's
+    # permutation (read by the GEMMs alone) counts
+    pytest.importorskip("transformers")
+    from mxfp8_compile.examples.clients import hf_example
+
+    model, inputs = hf_example("gpt_oss")
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    backend = mxfp8_compile.backend(Config(target="sm90", gemms=()), inductor=False, on_graph=graphs.__setitem__)
+    torch.compile(model, backend=backend)(*inputs).float().sum().backward()
+    matches = apply_target_rules(find_gemms(graphs["joint"].graph, Config(target="sm90")), "sm90")
+    gathered = [key for key in shared_cast_keys([m for m in matches if m.decision]) if gathered_rows(key[0])]
+    permutations = cost_policy._permutations(matches, MADE_UP)
+    assert len(gathered) == 4 and len(permutations) == 2
+    for p in permutations:
+        assert sorted(matches[i].site.role.value for i in p.readers) == ["forward", "wgrad"]
 
 
 @pytest.mark.usefixtures("sm90")

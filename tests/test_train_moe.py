@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -50,3 +51,15 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path: Path, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "loss.png skipped: matplotlib is not installed" in err
     assert 'pip install -e ".[plots]"' in err
+
+
+@pytest.mark.parametrize(("mode", "says"), [
+    ("reduce-overhead", "cannot see a CUDA graph's replay"),
+    pytest.param(None, "run it on a GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU: it measures")),
+])
+def test_memory_by_phase_refuses_what_it_cannot_measure(mode: str | None, says: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "train_moe.py", "--preset", "tiny", "--memory", *(["--mode", mode] if mode else [])],
+        cwd=BENCHMARKS, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]

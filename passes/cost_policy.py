@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
@@ -36,10 +37,9 @@ import torch.fx as fx
 from mxfp8_compile.config import Config
 from mxfp8_compile.lowering.costs import TargetCosts, cast_bytes, target_costs
 from mxfp8_compile.passes.find_gemms import GemmMatch, Operand
-from mxfp8_compile.passes.gathered_rows import gathered_rows
 from mxfp8_compile.passes.report import Convert, Layout, Role, Skip, SkipReason
-from mxfp8_compile.passes.rewrite_gemms import (CastKey, cast_key, row_cast_key, shared_cast_keys, swaps_last_two,
-                                                token_cast_keys)
+from mxfp8_compile.passes.rewrite_gemms import (CastKey, cast_key, row_cast_key, shared_cast_keys, shared_gather,
+                                                swaps_last_two, token_cast_keys)
 
 SCALE_OPERANDS = 2  # each converted GEMM decodes the scales of both operands
 
@@ -106,7 +106,7 @@ def apply_cost_policy(matches: list[GemmMatch], config: Config, target: str) -> 
 
 
 def _predict(plans: dict[int, tuple[tuple[float, float], list[_Cast]]], converted: set[int],
-             permutations: list[_Permutation] = ()) -> dict[int, Prediction]:
+             permutations: Sequence[_Permutation] = ()) -> dict[int, Prediction]:
     readers = collections.Counter(c.identity for i in converted for c in plans[i][1])
     spared: dict[int, float] = collections.defaultdict(float)
     for p in permutations:
@@ -128,9 +128,8 @@ def _permutations(matches: list[GemmMatch], costs: TargetCosts) -> list[_Permuta
                 readers[key].add(i)
     found = []
     for key in shared_cast_keys([matches[i] for i in candidates]):
-        node, transposed, _ = key
-        gemms = {matches[i].node for i in readers[key]}
-        if transposed or gathered_rows(node) is None or not _read_only_by(node, gemms):
+        node = key[0]
+        if shared_gather(key) is None or not _read_only_by(node, {matches[i].node for i in readers[key]}):
             continue
         rows, width = _cast_shape(node, False)
         copy_ms = costs.cast_ms("rows", 2 * rows * width * _itemsize(node), width)  # read and write

@@ -214,6 +214,13 @@ def shared_cast_keys(converted: list[GemmMatch]) -> set[CastKey]:
     return rows & {key for m in converted for key in token_cast_keys(m)}
 
 
+def shared_gather(key: CastKey) -> Gather | None:
+    """The token permutation that shared activation ``key`` is, which its casts read through
+    (``Config.gathered_casts``); None for a transposed activation or one no permutation makes."""
+    node, transposed, _ = key
+    return None if transposed else gathered_rows(node)
+
+
 def _through_transposes(node: fx.Node, transposed: bool, only_2d: bool = False) -> tuple[fx.Node, bool]:
     """``(source, transposed)``: ``node`` (or its transpose) as the node it transposes the last
     two dims of, through any number of such transposes (of 2D nodes alone if ``only_2d``)."""
@@ -312,7 +319,7 @@ class _Casts:
 
     def _shared(self, n: _Nodes, key: CastKey) -> list[fx.Node]:
         if key not in self.outputs:
-            gather = gathered_rows(key[0]) if self.gathered and not key[1] else None
+            gather = shared_gather(key) if self.gathered else None
             if gather is not None:
                 self.outputs[key] = self._gathered(n, gather, key[2])
             else:

@@ -19,9 +19,8 @@ from mxfp8_compile.examples.moe import MoEConfig, MoEModel
 from mxfp8_compile.lowering import costs, targets
 from mxfp8_compile.passes import cost_policy
 from mxfp8_compile.passes.find_gemms import apply_target_rules, find_gemms
-from mxfp8_compile.passes.gathered_rows import gathered_rows
 from mxfp8_compile.passes.report import SkipReason
-from mxfp8_compile.passes.rewrite_gemms import shared_cast_keys
+from mxfp8_compile.passes.rewrite_gemms import shared_cast_keys, shared_gather
 
 BF16 = torch.bfloat16
 # dense GEMMs lose in FP8 (a slower GEMM), grouped ones win (twice as fast, casts at 8 TB/s)
@@ -200,7 +199,7 @@ def test_a_permutation_that_something_else_reads_spares_nothing() -> None:
     backend = mxfp8_compile.backend(Config(target="sm90", gemms=()), inductor=False, on_graph=graphs.__setitem__)
     torch.compile(model, backend=backend)(*inputs).float().sum().backward()
     matches = apply_target_rules(find_gemms(graphs["joint"].graph, Config(target="sm90")), "sm90")
-    gathered = [key for key in shared_cast_keys([m for m in matches if m.decision]) if gathered_rows(key[0])]
+    gathered = [key for key in shared_cast_keys([m for m in matches if m.decision]) if shared_gather(key)]
     permutations = cost_policy._permutations(matches, MADE_UP)
     assert len(gathered) == 4 and len(permutations) == 2
     for p in permutations:
@@ -211,7 +210,7 @@ def test_a_permutation_that_something_else_reads_spares_nothing() -> None:
 def test_the_copy_a_kept_reader_would_write_converts_deepseek_v3s_down_wgrad() -> None:
     # DeepSeek-V3's widths at 32768 tokens: the down projection's wgrad alone is predicted 0.96x
     # (the measured table). Keeping it in bf16 also keeps the permuted dy it reads, and converting
-    # it measured 1-2% faster and 9-18% lighter in step peak memory (benchmarks/RESULTS.md,
+    # it measured 1-2% faster and 7-18% lighter in step peak memory (benchmarks/RESULTS.md,
     # 2026-12-07). With the gathered casts that copy counts: every expert GEMM converts.
     dsv3 = MoEConfig(dim=7168, heads=56, layers=1, experts=8, top_k=1, expert_hidden=2048, shared_hidden=0)
 

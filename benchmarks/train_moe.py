@@ -44,7 +44,7 @@ import statistics
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +174,25 @@ def train_step(model: nn.Module, compiled: nn.Module, opt: torch.optim.Optimizer
     return loss
 
 
-def profile(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> None:
-    """Print where a training step's time goes (the first seed): wall time, GPU kernel time, the top kernels."""
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def warmed_up(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+              steps: int) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Batches]:
+    """Run ``name`` of the first seed, set up and trained ``steps`` steps (its compilation, AdamW's
+    moments): ``(model, compiled, optimizer, the batches to come)``, for the diagnostics."""
     preset = PRESETS[args.preset]
     seed = args.seeds[0]
     model, compiled, opt = setup(name, seed, args, device)
     data = batches(text[0], preset["batch"], preset["seq"], seed=seed)
-    for _ in range(5):  # compile and warm up
+    for _ in range(steps):
         train_step(model, compiled, opt, *(t.to(device) for t in next(data))).item()
+    return model, compiled, opt, data
+
+
+def profile(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> None:
+    """Print where a training step's time goes (the first seed): wall time, GPU kernel time, the top kernels."""
+    model, compiled, opt, data = warmed_up(name, args, text, device, steps=5)
     steps = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -205,12 +216,7 @@ def memory_by_phase(name: str, args: argparse.Namespace, text: tuple[torch.Tenso
                     device: torch.device) -> None:
     """Print where a training step's peak memory is reached (CUDA only): after warm-up steps (the
     compilation, AdamW's moments), one step phase by phase, each phase's peak allocation."""
-    preset = PRESETS[args.preset]
-    seed = args.seeds[0]
-    model, compiled, opt = setup(name, seed, args, device)
-    data = batches(text[0], preset["batch"], preset["seq"], seed=seed)
-    for _ in range(3):
-        train_step(model, compiled, opt, *(t.to(device) for t in next(data))).item()
+    model, compiled, opt, data = warmed_up(name, args, text, device, steps=3)
     x, y = (t.to(device) for t in next(data))
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
@@ -355,14 +361,14 @@ def main() -> None:
     args.warmup = min(args.warmup, max(1, args.steps // 10))
     args.eval_every = min(args.eval_every, args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    text = load_text(args.max_bytes)
-    print(f"stdlib text: {len(text[0]):,} train bytes, {len(text[1]):,} held out; device {device}", file=sys.stderr)
     if args.memory and args.mode == "reduce-overhead":
         # seen on an H100: 0.01-0.05 GiB above the parameters and moments in every phase, both runs
         parser.error("--memory cannot see a CUDA graph's replay: its memory was taken when the graph was "
                      "recorded, so the step allocates almost nothing; run it without --mode reduce-overhead")
     if args.memory and device.type != "cuda":
         parser.error("--memory reads CUDA's allocator statistics: run it on a GPU")
+    text = load_text(args.max_bytes)
+    print(f"stdlib text: {len(text[0]):,} train bytes, {len(text[1]):,} held out; device {device}", file=sys.stderr)
     if args.profile or args.memory:
         for name in args.runs:
             (profile if args.profile else memory_by_phase)(name, args, text, device)

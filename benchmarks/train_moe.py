@@ -24,8 +24,7 @@ CUDA graph pools freed, so no run's peak memory holds an earlier run's.
     python benchmarks/train_moe.py --steps 2000 --out train_out      # on a GPU
     python benchmarks/train_moe.py --seeds 1 2 3 --out train_out     # three seeds a run
     python benchmarks/train_moe.py --preset tiny --steps 20 --out d  # a CPU dry run
-    python benchmarks/train_moe.py --preset llama4_width --memory   # each run's peak memory by phase of a step
-                                                                     # (without CUDA graphs: their replays allocate nothing)
+    python benchmarks/train_moe.py --preset llama4_width --memory   # where each run's peak memory is reached
 
 Writes ``<out>/log.csv`` (every step of every run, rewritten as each run ends), ``<out>/loss.png``
 (``plot_training.loss_figure``: training and held-out loss of every run; needs matplotlib, ``pip install -e
@@ -178,15 +177,18 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 def warmed_up(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-              steps: int) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Batches]:
+              steps: int, run: Callable[[Callable[[], Any]], Any] = lambda fn: fn(),
+              ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Batches]:
     """Run ``name`` of the first seed, set up and trained ``steps`` steps (its compilation, AdamW's
-    moments): ``(model, compiled, optimizer, the batches to come)``, for the diagnostics."""
+    moments), each step called through ``run``: ``(model, compiled, optimizer, the batches to
+    come)``, for the diagnostics."""
     preset = PRESETS[args.preset]
     seed = args.seeds[0]
     model, compiled, opt = setup(name, seed, args, device)
     data = batches(text[0], preset["batch"], preset["seq"], seed=seed)
     for _ in range(steps):
-        train_step(model, compiled, opt, *(t.to(device) for t in next(data))).item()
+        x, y = (t.to(device) for t in next(data))
+        run(lambda: train_step(model, compiled, opt, x, y).item())
     return model, compiled, opt, data
 
 
@@ -214,26 +216,35 @@ def profile(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch
 
 def memory_by_phase(name: str, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor],
                     device: torch.device) -> None:
-    """Print where a training step's peak memory is reached (CUDA only): after warm-up steps (the
-    compilation, AdamW's moments), one step phase by phase, each phase's peak allocation."""
-    model, compiled, opt, data = warmed_up(name, args, text, device, steps=3)
+    """Print where run ``name``'s peak memory is reached (CUDA only): in each of its first steps
+    (compilation, CUDA graphs' recording, AdamW's first step allocating its moments), in its
+    first held-out evaluation (the no-grad graph compiles), then in each phase of one later step.
+    Under ``--mode reduce-overhead`` that step is a graph's replay, which allocates nothing (its
+    memory was taken when the graph was recorded), so its phases are left out."""
+    def peak_of(fn: Callable[[], Any]) -> float:
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+
+    warm_up: list[float] = []
+    model, compiled, opt, data = warmed_up(name, args, text, device, steps=3, run=lambda fn: warm_up.append(peak_of(fn)))
+    preset = PRESETS[args.preset]
+    held = [next(batches(text[1], preset["batch"], preset["seq"], seed=HELDOUT_SEED))]
+    evaluation = peak_of(lambda: heldout_loss(compiled, held, device))
     x, y = (t.to(device) for t in next(data))
     torch.cuda.synchronize(device)
-    start = torch.cuda.memory_allocated(device)
-    peaks = {}
-
-    def phase(label: str, fn: Callable[[], Any]) -> Any:
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        peaks[label] = torch.cuda.max_memory_allocated(device)
-        return result
-
-    loss = phase("forward and loss", lambda: forward_loss(compiled, x, y))
-    phase("backward", loss.backward)
-    phase("clip and AdamW", lambda: update(model, opt))
-    each = ", ".join(f"{label} {peak / 2**30:.2f}" for label, peak in peaks.items())
-    print(f"{name}: allocated at the step's start {start / 2**30:.2f} GiB; peak by phase (GiB): {each}")
+    start = torch.cuda.memory_allocated(device) / 2**30
+    line = (f"{name}: peak (GiB) in warm-up steps {', '.join(f'{p:.2f}' for p in warm_up)}; in the first held-out "
+            f"evaluation {evaluation:.2f}; allocated at a later step's start {start:.2f}")
+    if args.mode == "reduce-overhead":
+        print(f"{line}; its phases are CUDA graph replays, which allocate nothing")
+        return
+    loss: list[torch.Tensor] = []
+    phases = {"forward and loss": peak_of(lambda: loss.append(forward_loss(compiled, x, y))),
+              "backward": peak_of(lambda: loss[0].backward()),
+              "clip and AdamW": peak_of(lambda: update(model, opt))}
+    print(f"{line}; its peak by phase: {', '.join(f'{label} {peak:.2f}' for label, peak in phases.items())}")
 
 
 def train(name: str, seed: int, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor],
@@ -354,17 +365,14 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of training, profile a few steps of each run and print the top N kernels")
     parser.add_argument("--memory", action="store_true",
-                        help="instead of training, print each run's peak memory by phase of one step (CUDA only)")
+                        help="instead of training, print each run's peak memory in its first steps, its first held-out "
+                             "evaluation and the phases of a later step (CUDA only)")
     args = parser.parse_args()
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lr"]
     args.warmup = min(args.warmup, max(1, args.steps // 10))
     args.eval_every = min(args.eval_every, args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.memory and args.mode == "reduce-overhead":
-        # seen on an H100: 0.01-0.05 GiB above the parameters and moments in every phase, both runs
-        parser.error("--memory cannot see a CUDA graph's replay: its memory was taken when the graph was "
-                     "recorded, so the step allocates almost nothing; run it without --mode reduce-overhead")
     if args.memory and device.type != "cuda":
         parser.error("--memory reads CUDA's allocator statistics: run it on a GPU")
     text = load_text(args.max_bytes)

@@ -119,6 +119,13 @@ def batches(text: torch.Tensor, batch: int, seq: int, seed: int):
         yield window[:, :-1], window[:, 1:]
 
 
+def heldout_batches(text: tuple[torch.Tensor, torch.Tensor], preset: str,
+                    n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` held-out batches of ``preset``: the same for every run and seed."""
+    held = batches(text[1], PRESETS[preset]["batch"], PRESETS[preset]["seq"], seed=HELDOUT_SEED)
+    return [next(held) for _ in range(n)]
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -221,17 +228,17 @@ def memory_by_phase(name: str, args: argparse.Namespace, text: tuple[torch.Tenso
     first held-out evaluation (the no-grad graph compiles), then in each phase of one later step.
     Under ``--mode reduce-overhead`` that step is a graph's replay, which allocates nothing (its
     memory was taken when the graph was recorded), so its phases are left out."""
-    def peak_of(fn: Callable[[], Any]) -> float:
+    def peak_of(fn: Callable[[], Any]) -> tuple[Any, float]:
+        """``fn()`` and the peak allocation in GiB while it ran."""
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        result = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return result, torch.cuda.max_memory_allocated(device) / 2**30
 
     warm_up: list[float] = []
-    model, compiled, opt, data = warmed_up(name, args, text, device, steps=3, run=lambda fn: warm_up.append(peak_of(fn)))
-    preset = PRESETS[args.preset]
-    held = [next(batches(text[1], preset["batch"], preset["seq"], seed=HELDOUT_SEED))]
-    evaluation = peak_of(lambda: heldout_loss(compiled, held, device))
+    model, compiled, opt, data = warmed_up(name, args, text, device, steps=3,
+                                           run=lambda fn: warm_up.append(peak_of(fn)[1]))
+    _, evaluation = peak_of(lambda: heldout_loss(compiled, heldout_batches(text, args.preset, 1), device))
     x, y = (t.to(device) for t in next(data))
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device) / 2**30
@@ -240,11 +247,11 @@ def memory_by_phase(name: str, args: argparse.Namespace, text: tuple[torch.Tenso
     if args.mode == "reduce-overhead":
         print(f"{line}; its phases are CUDA graph replays, which allocate nothing")
         return
-    loss: list[torch.Tensor] = []
-    phases = {"forward and loss": peak_of(lambda: loss.append(forward_loss(compiled, x, y))),
-              "backward": peak_of(lambda: loss[0].backward()),
-              "clip and AdamW": peak_of(lambda: update(model, opt))}
-    print(f"{line}; its peak by phase: {', '.join(f'{label} {peak:.2f}' for label, peak in phases.items())}")
+    loss, forward = peak_of(lambda: forward_loss(compiled, x, y))
+    _, backward = peak_of(loss.backward)
+    _, adamw = peak_of(lambda: update(model, opt))
+    print(f"{line}; its peak by phase: forward and loss {forward:.2f}, backward {backward:.2f}, "
+          f"clip and AdamW {adamw:.2f}")
 
 
 def train(name: str, seed: int, args: argparse.Namespace, text: tuple[torch.Tensor, torch.Tensor],
@@ -255,8 +262,7 @@ def train(name: str, seed: int, args: argparse.Namespace, text: tuple[torch.Tens
     batch, seq = preset["batch"], preset["seq"]
     model, compiled, opt = setup(name, seed, args, device)
     params = sum(p.numel() for p in model.parameters())
-    held_gen = batches(text[1], batch, seq, seed=HELDOUT_SEED)
-    held = [next(held_gen) for _ in range(args.heldout_batches)]
+    held = heldout_batches(text, args.preset, args.heldout_batches)
     data = batches(text[0], batch, seq, seed=seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
